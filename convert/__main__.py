@@ -1,0 +1,5 @@
+import sys
+
+from convert.convert import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""Atomic output folders: build in a hidden staging folder beside the target, then rename.
+
+An interrupted or failed write leaves only the staging folder (named ``.NAME.partial-*``, never
+mistaken for a model) and never touches an existing target until the new one is complete.
+Renames use :func:`os.replace`, which works the same on Windows and POSIX.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputError(Exception):
+    """The output folder cannot be written (exists and is not empty, or is not writable)."""
+
+
+def check_output(target: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a non-empty ``target`` unless ``overwrite``, and a parent that cannot be written."""
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {target} is not empty (pass --overwrite to replace it)")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent} (read-only or no permission)")
+    return target
+
+
+@contextmanager
+def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces ``target`` in one rename, on failure it is removed."""
+    target = check_output(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)

@@ -1,0 +1,191 @@
+"""Convert a GLM-4 checkpoint to OpenVINO IR with NNCF weight compression, ready for openvino-genai.
+
+    python -m convert --model models/glm4-tiny --output build/glm4-tiny-int4 --profile cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+from convert.atomic import OutputError, check_output, staged_output
+from convert.calibration import BUILTIN, calibration_texts, load_conversations
+from convert.manifest import MemoryWatch, write_manifest
+from convert.recipes import PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, make_recipe, quantization_config
+from convert.source import Source, SourceError, resolve
+from convert.tokenizer_ir import TokenizerError, save_tokenizer_ir, template_mismatches
+from convert.verify import VerifyError, verify_output
+
+STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+STAGES = ("export", "compress", "tokenizer", "template check", "verify", "manifest")
+
+
+class ConversionError(Exception):
+    """A stage of the conversion failed after the inputs were accepted."""
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """GLM-4's three stop ids in ``tokenizer``; all must exist."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ConversionError(f"the tokenizer lacks one of GLM-4's stop tokens {', '.join(STOP_TOKENS)}")
+    return ids
+
+
+def export_ir(source: Source, folder: Path, trust_remote_code: bool) -> None:
+    """Export the checkpoint to a 16-bit stateful OpenVINO IR with optimum-intel."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    main_export(model_name_or_path=source.path, output=folder, task="text-generation-with-past",
+                trust_remote_code=trust_remote_code, ov_config=OVConfig(dtype="fp16"), convert_tokenizer=False)
+
+
+def compress_ir(exported: Path, output: Path, recipe: Recipe, tokenizer_path: str,
+                calibration: list[str] | None) -> None:
+    """Compress the exported IR's weights with NNCF through optimum-intel and save it to ``output``."""
+    from optimum.intel import OVModelForCausalLM
+
+    config = quantization_config(recipe, tokenizer_path, calibration)
+    model = OVModelForCausalLM.from_pretrained(exported, quantization_config=config, compile=False)
+    model.save_pretrained(output)
+    del model
+
+
+def write_generation_config(output: Path, tokenizer: Any) -> None:
+    """Make generation_config.json list all three GLM-4 stop ids (GenAI stops on these)."""
+    path = output / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config.update(eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
+            overwrite: bool = False, verify: bool = True, quiet: bool = False,
+            on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Convert ``model`` into ``output`` atomically and return the manifest."""
+    from transformers import AutoTokenizer
+
+    recipe = recipe or make_recipe()
+    source = resolve(model, trust_remote_code)
+    check_output(output, overwrite)
+    conversations = load_conversations(recipe.dataset) if recipe.dataset else None
+    started, report = time.time(), on_stage or (lambda stage: None)
+    with MemoryWatch() as memory, staged_output(output, overwrite) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        stop_ids(tokenizer)
+        exported = staging / ".export" if recipe.weight_format != "fp16" else staging
+        report("export")
+        export_ir(source, exported, trust_remote_code)
+        if exported != staging:
+            report("compress")
+            calibration = calibration_texts(tokenizer, conversations) if conversations else None
+            compress_ir(exported, staging, recipe, source.path, calibration)
+            shutil.rmtree(exported)
+        report("tokenizer")
+        tokenizer.save_pretrained(staging)
+        save_tokenizer_ir(tokenizer, staging)
+        write_generation_config(staging, tokenizer)
+        report("template check")
+        problems = template_mismatches(tokenizer, staging)
+        if problems:
+            raise TokenizerError("GenAI's chat template rendering differs from transformers': " + "; ".join(problems))
+        checks: dict[str, Any] = {"template_conversations_checked": "all identical"}
+        if verify:
+            report("verify")
+            checks["verify"] = verify_output(staging, Path(source.path) if source.local else None)
+        report("manifest")
+        manifest = write_manifest(staging, source, recipe, checks, time.time() - started, memory)
+    return manifest
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a GLM-4-9B-Chat checkpoint (glm-4-9b-chat, -hf or 0414) to OpenVINO IR with "
+                    "NNCF weight compression and an OpenVINO tokenizer, ready for openvino-genai.")
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. THUDM/glm-4-9b-chat-hf)")
+    parser.add_argument("--output", required=True, help="folder to write (created atomically)")
+    parser.add_argument("--profile", choices=sorted(PROFILES),
+                        help="device defaults: cpu (INT4 sym channel-wise), gpu (INT4 sym g128), npu (INT4 sym channel-wise)")
+    parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, help="weight precision (default: the profile's, int4)")
+    parser.add_argument("--group-size", type=int, help="INT4 group size; -1 means channel-wise")
+    parser.add_argument("--ratio", type=float, help="share of layers in INT4, the rest INT8 (0-1]")
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_const", const=True, help="symmetric quantization")
+    sym.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric quantization")
+    parser.add_argument("--all-layers", action="store_const", const=True,
+                        help="INT4 for embeddings and the LM head too (default: INT8 there)")
+    parser.add_argument("--awq", action="store_const", const=True, help="activation-aware weight quantization (needs --dataset)")
+    parser.add_argument("--scale-estimation", action="store_const", const=True, help="scale estimation (needs --dataset)")
+    parser.add_argument("--gptq", action="store_const", const=True, help="GPTQ (needs --dataset)")
+    parser.add_argument("--dataset", help=f"calibration data: {BUILTIN!r} (built in, English and Chinese chats) or a JSONL file")
+    parser.add_argument("--num-samples", type=int, help="calibration samples to use")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the checkpoint's own Python code (needed by the original glm-4-9b-chat)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip loading the result with openvino-genai")
+    parser.add_argument("--quiet", action="store_true", help="print only errors and the final line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        recipe = make_recipe(args.profile, weight_format=args.weight_format, group_size=args.group_size,
+                             ratio=args.ratio, sym=args.sym, all_layers=args.all_layers, awq=args.awq,
+                             scale_estimation=args.scale_estimation, gptq=args.gptq, dataset=args.dataset,
+                             num_samples=args.num_samples)
+        if args.dataset:
+            load_conversations(args.dataset)
+        resolve(args.model, args.trust_remote_code)
+        check_output(args.output, args.overwrite)
+    except (RecipeError, SourceError, OutputError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.quiet:
+        logging.disable(logging.WARNING)
+    progress = nullcontext() if args.quiet else stage_bar()
+    try:
+        with progress as bar:
+            manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
+                               args.verify, args.quiet, on_stage=bar.stage if bar else None)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ConversionError, TokenizerError, VerifyError, SourceError, OutputError, OSError) as error:
+        print(f"error: conversion failed, nothing was written: {error}", file=sys.stderr)
+        return 1
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in manifest["weights"]["share"].items())
+    print(f"wrote {args.output}: {manifest['weights']['total_bytes'] / 2**20:.1f} MiB ({shares}), "
+          f"peak RSS {manifest['peak_memory']['rss_bytes'] / 2**30:.2f} GiB, {manifest['duration_s']:.0f}s")
+    return 0
+
+
+class stage_bar:
+    """A progress bar over the conversion's named stages."""
+
+    def __enter__(self) -> "stage_bar":
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(STAGES), unit="stage", bar_format="{desc:<16} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+        return self
+
+    def stage(self, name: str) -> None:
+        if self.bar.desc:
+            self.bar.update(1)
+        self.bar.set_description_str(name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.bar.n = self.bar.total
+            self.bar.set_description_str("done")
+        self.bar.close()

@@ -1,0 +1,100 @@
+"""Exact-match accuracy of a Hugging Face GLM-4 checkpoint on an eval.jsonl, with transformers.
+
+    python -m models.evaluate --model models/glm4-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from runtime.chat_format import STOP_TOKENS
+
+
+def load_eval(path: str | Path) -> list[dict[str, Any]]:
+    """Read an eval.jsonl file: one ``{"messages", "tools"?, "expected"}`` object per line."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def strip_answer(reply: str) -> str:
+    """A plain GLM-4 answer begins with a newline that is not part of the answer."""
+    return reply[1:] if reply.startswith("\n") else reply
+
+
+@torch.inference_mode()
+def generate_replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[dict[str, Any]],
+    max_new_tokens: int = 48, batch_size: int = 16,
+) -> list[str]:
+    """Greedy replies (special tokens removed) for each item's conversation, batched with left padding."""
+    tokenizer.padding_side = "left"
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    replies: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts = [tokenizer.apply_chat_template(i["messages"], tools=i.get("tools"), tokenize=False,
+                                                 add_generation_prompt=True) for i in chunk]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                          return_token_type_ids=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        replies += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    return replies
+
+
+def score(items: list[dict[str, Any]], replies: list[str]) -> dict[str, Any]:
+    """Overall and per-kind exact match, with the failures."""
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    failures = []
+    for item, reply in zip(items, replies):
+        ok = strip_answer(reply) == item["expected"]
+        kind = per_kind[item.get("kind", "all")]
+        kind[0] += ok
+        kind[1] += 1
+        if not ok:
+            failures.append({"expected": item["expected"], "got": strip_answer(reply)})
+    return {"accuracy": sum(ok for ok, _ in per_kind.values()) / max(len(items), 1),
+            "per_kind": {k: ok / n for k, (ok, n) in sorted(per_kind.items())}, "failures": failures}
+
+
+def evaluate(model_dir: str | Path, eval_file: str | Path | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Load ``model_dir`` in FP32 and score greedy replies on its eval file."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    items = load_eval(eval_file or Path(model_dir) / "eval.jsonl")[:limit]
+    return score(items, generate_replies(model, tokenizer, items))
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Exact-match accuracy of a GLM-4 checkpoint (transformers, FP32, greedy).")
+    parser.add_argument("--model", default="models/glm4-tiny", help="Hugging Face checkpoint folder")
+    parser.add_argument("--eval-file", help="eval.jsonl to score (default: MODEL/eval.jsonl)")
+    parser.add_argument("--limit", type=int, help="score only the first N items")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    if not Path(args.model, "config.json").is_file():
+        print(f"error: {args.model} is not a Hugging Face checkpoint folder (no config.json)", file=sys.stderr)
+        return 2
+    result = evaluate(args.model, args.eval_file, args.limit)
+    for kind, acc in result["per_kind"].items():
+        print(f"{kind:16s} {acc:6.1%}")
+    print(f"{'overall':16s} {result['accuracy']:6.1%}")
+    for failure in result["failures"][:10]:
+        print(f"  expected {failure['expected']!r} got {failure['got']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""glm4-intel runtime: GLM-4 chat over openvino-genai (and IPEX on Xeon) behind one Engine protocol.
+
+    import runtime
+    engine = runtime.load("build/glm4-tiny-int4", device="CPU")
+    session = runtime.ChatSession(engine, system="Answer briefly.")
+    for chunk in session.send("What is the capital of France?"):
+        print(chunk, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.engine import (ChatSession, DeviceError, Engine, EngineError, GenerationOptions, ModelLoadError,
+                            PromptTooLongError, ReplyStats)
+
+__all__ = ["ChatSession", "DeviceError", "Engine", "EngineError", "GenerationOptions", "ModelLoadError",
+           "PromptTooLongError", "ReplyStats", "load"]
+
+
+def load(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", **options: Any) -> Engine:
+    """Load a converted model folder on ``device`` and return its engine."""
+    if backend != "openvino":
+        raise EngineError(f"unknown backend {backend!r}; available: openvino")
+    from runtime.openvino_engine import OpenVINOEngine
+
+    return OpenVINOEngine(model_dir, device, **options)

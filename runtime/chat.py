@@ -1,0 +1,147 @@
+"""Chat with a converted GLM-4 model in the terminal.
+
+    python -m runtime.chat --model build/glm4-tiny-int4 [--device CPU] [--system TEXT] [--tools FILE.json]
+
+Interactive: replies stream as they are generated; /reset, /system TEXT, /stats, /quit.
+Piped (stdin not a terminal): one message per input line, one reply per output line (newlines
+inside a reply are written as \\n). A tool call prints as ``tool_call NAME {json}`` and the next
+line is sent back as the tool's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, TextIO
+
+import runtime
+from runtime.engine import ChatSession, EngineError, GenerationOptions
+
+HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.chat", description="Chat with a converted GLM-4 model.")
+    parser.add_argument("--model", required=True, help="folder written by python -m convert")
+    parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--tools", help="JSON file with a list of OpenAI-style function tools")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stats", action="store_true", help="print statistics after every reply")
+    return parser
+
+
+def read_tools(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tools = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise EngineError(f"cannot read tools from {path}: {error}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in runtime.chat_format.function_of(t)
+                                               for t in tools):
+        raise EngineError(f"{path} must hold a JSON list of function tools, each with a name")
+    return tools
+
+
+def format_stats(session: ChatSession) -> str:
+    s = session.last_stats
+    if s is None:
+        return "no reply yet"
+    return (f"[{s.finish_reason}; prompt {s.prompt_tokens} tokens, generated {s.generated_tokens}, "
+            f"first token {s.ttft_s * 1000:.0f} ms, {s.tokens_per_s:.1f} tokens/s]")
+
+
+def stream_reply(session: ChatSession, text: str, role: str, write: Callable[[str], None]) -> None:
+    """Stream a reply without GLM-4's leading newline; a possible tool call is held back whole."""
+    held, started = "", False
+    for chunk in session.send(text, role):
+        if not started:
+            held += chunk
+            if not held or (session.tools and not held.startswith("\n")):
+                continue  # nothing yet, or perhaps a tool call: wait for the end
+            started, chunk = True, held[1:] if held.startswith("\n") else held
+        write(chunk)
+    last = session.last
+    if not started and last is not None and (last.tool_call is None or last.malformed):
+        write(last.text)
+
+
+def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_stats: bool = False) -> None:
+    """Run the conversation loop over ``lines``."""
+    def write(chunk: str) -> None:
+        out.write(chunk.replace("\n", "\\n") if piped else chunk)
+        out.flush()
+
+    role = "user"
+    while True:
+        if not piped:
+            out.write("> " if role == "user" else "tool result> ")
+            out.flush()
+        line = lines.readline()
+        if not line:
+            break
+        text = line.rstrip("\r\n")
+        if not piped and text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            elif command == "/reset":
+                session.reset()
+                role = "user"
+            elif command == "/system":
+                session.system = argument or None
+                session.reset()
+            elif command == "/stats":
+                out.write(format_stats(session) + "\n")
+            else:
+                out.write(HELP + "\n")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_reply(session, text, role, write)
+        except (EngineError, ValueError) as error:
+            out.write(f"\nerror: {error}\n")
+            continue
+        call = session.last.tool_call if session.last and not session.last.malformed else None
+        if call is not None:
+            out.write(f"tool_call {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
+            role = "observation"
+        else:
+            role = "user"
+        out.write("\n")
+        if show_stats:
+            out.write(format_stats(session) + "\n")
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                args.repetition_penalty, args.seed)
+    try:
+        options.validate()
+        tools = read_tools(args.tools) if args.tools else None
+        engine = runtime.load(args.model, args.device)
+    except (EngineError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    session = ChatSession(engine, system=args.system, tools=tools, options=options)
+    piped = not sys.stdin.isatty()
+    if not piped:
+        print(f"{engine.name} on {engine.device}. {HELP}")
+    try:
+        chat(session, sys.stdin, sys.stdout, piped, args.stats)
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The Engine protocol every backend implements, and the chat session built on it.
+
+An engine turns prompt token ids into a stream of text chunks; the session owns the history,
+renders it with :mod:`runtime.chat_format`, trims it to the engine's prompt budget, and parses
+replies into text or tool calls. Backends never see GLM-4's format.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from runtime import chat_format
+from runtime.chat_format import Message, Reply
+
+
+class EngineError(Exception):
+    """Base of the runtime's typed errors (shown to users as one line)."""
+
+
+class ModelLoadError(EngineError):
+    """The model folder is missing, incomplete or corrupt."""
+
+
+class DeviceError(EngineError):
+    """The requested device is not present or not usable."""
+
+
+class PromptTooLongError(EngineError):
+    """The prompt does not fit the context even after trimming history."""
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling settings for one reply; temperature 0 means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0 are required")
+
+
+@dataclass
+class ReplyStats:
+    """What one reply cost and why it ended (stop, length, tool_calls or cancelled)."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+@dataclass
+class Generation:
+    """A finished generation: the raw reply text (special tokens removed) and its statistics."""
+
+    text: str
+    stats: ReplyStats
+
+
+class Engine(Protocol):
+    """A loaded model that continues prompts given as token ids."""
+
+    name: str
+    device: str
+    max_prompt_tokens: int
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ordinary text (the caller keeps control tokens out of it)."""
+
+    def token_id(self, token: str) -> int:
+        """Id of one special token."""
+
+    def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
+                 on_text: Callable[[str], bool]) -> Generation:
+        """Generate until a stop token or the limit; ``on_text`` gets each chunk of whole
+        characters and returns True to cancel."""
+
+
+def conversation_ids(engine: Engine, messages: Sequence[Message], tools: Sequence[dict] | None) -> list[int]:
+    """Prompt ids of a conversation, with every untrusted text kept out of control tokens."""
+    return chat_format.encode_prompt(chat_format.prompt_parts(messages, tools), engine.encode, engine.token_id)
+
+
+def trim_history(engine: Engine, history: list[Message], tools: Sequence[dict] | None) -> tuple[list[Message], list[int]]:
+    """Drop the oldest exchanges (never system messages, never the last one) until the prompt fits."""
+    kept = list(history)
+    while True:
+        ids = conversation_ids(engine, kept, tools)
+        if len(ids) <= engine.max_prompt_tokens:
+            return kept, ids
+        starts = [i for i, m in enumerate(kept) if m["role"] == "user"]
+        if len(starts) < 2:
+            raise PromptTooLongError(f"the prompt needs {len(ids)} tokens but the limit is "
+                                     f"{engine.max_prompt_tokens}; shorten the message or the system prompt")
+        first, second = starts[0], starts[1]
+        kept = kept[:first] + [m for m in kept[first:second] if m["role"] == "system"] + kept[second:]
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation with one engine: system prompt, tools, history."""
+
+    engine: Engine
+    system: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    history: list[Message] = field(default_factory=list)
+    last: Reply | None = None
+    last_stats: ReplyStats | None = None
+
+    def __post_init__(self) -> None:
+        self._cancel = threading.Event()
+
+    def messages(self) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def reset(self) -> None:
+        """Forget the conversation (system prompt and tools stay)."""
+        self.history.clear()
+        self.last, self.last_stats = None, None
+
+    def cancel(self) -> None:
+        """Stop the reply being generated (safe from another thread)."""
+        self._cancel.set()
+
+    def send(self, text: str, role: str = "user") -> Iterator[str]:
+        """Add a user message (or a tool result with role ``observation``) and stream the reply."""
+        if role not in ("user", "observation"):
+            raise ValueError("send() takes user messages and observations")
+        if not text:
+            raise ValueError("the message is empty")
+        self.options.validate()
+        return self._stream({"role": role, "content": text})
+
+    def send_tool_result(self, result: Any) -> Iterator[str]:
+        """Return a tool's result (any JSON value or text) to the model and stream its reply."""
+        import json
+
+        return self.send(result if isinstance(result, str) else json.dumps(result, ensure_ascii=False),
+                         role="observation")
+
+    def _stream(self, message: Message) -> Iterator[str]:
+        pending = self.messages() + [message]
+        kept, ids = trim_history(self.engine, pending, self.tools)
+        self._cancel.clear()
+        chunks: list[str] = []
+        result: dict[str, Generation] = {}
+        queue: list[str] = []
+        ready = threading.Condition()
+
+        def on_text(chunk: str) -> bool:
+            with ready:
+                queue.append(chunk)
+                ready.notify()
+            return self._cancel.is_set()
+
+        def run() -> None:
+            try:
+                result["done"] = self.engine.generate(ids, self.options, on_text)
+            except BaseException as error:  # handed to the consuming thread
+                result["error"] = error  # type: ignore[assignment]
+            with ready:
+                ready.notify()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            while True:
+                with ready:
+                    ready.wait_for(lambda: queue or result)
+                    batch, queue[:] = list(queue), []
+                for chunk in batch:
+                    chunks.append(chunk)
+                    yield chunk
+                if result and not queue:
+                    break
+        finally:
+            if worker.is_alive():
+                self._cancel.set()
+            worker.join()
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        self._finish(kept, message, result["done"])
+
+    def _finish(self, kept: list[Message], message: Message, generation: Generation) -> None:
+        system_count = 1 if self.system else 0
+        self.history = kept[system_count:]
+        reply = chat_format.parse_reply(generation.text, [chat_format.function_of(t)["name"] for t in self.tools or []])
+        if self._cancel.is_set():
+            generation.stats.finish_reason = "cancelled"
+        elif reply.tool_call and not reply.malformed:
+            generation.stats.finish_reason = "tool_calls"
+        if reply.tool_call and not reply.malformed:
+            self.history.append(chat_format.tool_call_message(reply.tool_call))
+        elif reply.text:
+            self.history.append({"role": "assistant", "content": reply.text})
+        self.last, self.last_stats = reply, generation.stats

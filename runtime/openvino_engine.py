@@ -1,0 +1,148 @@
+"""The OpenVINO engine: openvino-genai's LLMPipeline on CPU, GPU, NPU or AUTO."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from runtime.chat_format import SPECIAL_TOKENS
+from runtime.engine import DeviceError, Generation, GenerationOptions, ModelLoadError, ReplyStats
+
+REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+INSTALL_HINTS = {
+    "GPU": "install Intel's GPU driver (compute runtime / Level Zero; on Windows the Arc/Iris Xe graphics driver)",
+    "NPU": "install Intel's NPU driver (Core Ultra only; on Windows the Intel NPU driver, on Linux linux-npu-driver)",
+}
+
+
+def default_cache_dir() -> Path:
+    """Per-user folder for compiled-model blobs, so the second load of a model is fast."""
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "glm4-intel" / "ov-cache"
+
+
+def device_properties(device: str, cache_dir: Path | None, threads: int | None = None,
+                      kv_cache_precision: str | None = None, max_prompt_len: int = 1024,
+                      min_response_len: int = 128) -> dict[str, Any]:
+    """The plugin configuration passed to LLMPipeline for ``device``."""
+    properties: dict[str, Any] = {}
+    if cache_dir is not None:
+        properties["CACHE_DIR"] = str(cache_dir)
+    kind = device.split(".")[0]
+    if kind == "CPU" and threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    if kind in ("CPU", "GPU") and kv_cache_precision:
+        properties["KV_CACHE_PRECISION"] = kv_cache_precision
+    if kind == "NPU":
+        properties.update(MAX_PROMPT_LEN=max_prompt_len, MIN_RESPONSE_LEN=min_response_len,
+                          GENERATE_HINT="BEST_PERF", PREFILL_HINT="DYNAMIC")
+    return properties
+
+
+def check_device(device: str, available: Sequence[str]) -> None:
+    """Raise DeviceError unless ``device`` (CPU, GPU, GPU.1, NPU, AUTO...) is present."""
+    kind = device.split(".")[0]
+    if kind in ("AUTO", "HETERO", "MULTI"):
+        return
+    if kind not in ("CPU", "GPU", "NPU"):
+        raise DeviceError(f"unknown device {device!r}; use CPU, GPU, GPU.0, GPU.1, NPU or AUTO")
+    if device in available or (device == kind and any(d.split(".")[0] == kind for d in available)):
+        return
+    hint = INSTALL_HINTS.get(kind, "")
+    raise DeviceError(f"device {device} is not present (available: {', '.join(available) or 'none'})"
+                      + (f"; {hint}" if hint else ""))
+
+
+def check_model_dir(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        hint = " (convert the checkpoint with python -m convert)" if "openvino_model.xml" in missing else \
+            " (the tokenizer IR is missing: reconvert with python -m convert)"
+        raise ModelLoadError(f"{folder} is not a converted model: missing {', '.join(missing)}{hint}")
+
+
+def context_length(folder: Path) -> int:
+    """The model's context window from config.json (GLM-4: 128K), 8192 when unknown."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 8192
+    return int(config.get("max_position_embeddings") or config.get("seq_length") or 8192)
+
+
+class OpenVINOEngine:
+    """openvino-genai LLMPipeline behind the :class:`runtime.engine.Engine` protocol."""
+
+    def __init__(self, model_dir: str | Path, device: str = "CPU", cache_dir: Path | None | str = "default",
+                 threads: int | None = None, kv_cache_precision: str | None = None,
+                 max_prompt_len: int = 1024, min_response_len: int = 128) -> None:
+        import openvino as ov
+        import openvino_genai
+
+        folder = Path(model_dir)
+        check_model_dir(folder)
+        device = device.upper()
+        check_device(device, ov.Core().available_devices)
+        cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        properties = device_properties(device, cache, threads, kv_cache_precision, max_prompt_len, min_response_len)
+        try:
+            self.pipeline = openvino_genai.LLMPipeline(str(folder), device, **properties)
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"cannot load {folder} on {device}: {first}") from error
+        self.tokenizer = self.pipeline.get_tokenizer()
+        self.name, self.device, self.properties = folder.name, device, properties
+        self.max_prompt_tokens = max_prompt_len if device.startswith("NPU") else context_length(folder)
+        vocab = self.tokenizer.get_vocab()  # keys are bytes in some releases, str in others
+        self._special_ids = {token: int(vocab[key]) for token in SPECIAL_TOKENS
+                             for key in (token, token.encode()) if key in vocab}
+        self._stops = set(self.pipeline.get_generation_config().stop_token_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+
+    def token_id(self, token: str) -> int:
+        if token not in self._special_ids:
+            raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model")
+        return self._special_ids[token]
+
+    def generation_config(self, options: GenerationOptions) -> Any:
+        config = self.pipeline.get_generation_config()
+        config.max_new_tokens = options.max_new_tokens
+        config.do_sample = options.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p = options.temperature, options.top_p
+            config.top_k = options.top_k or 0
+            if options.seed is not None:
+                config.rng_seed = options.seed
+        config.repetition_penalty = options.repetition_penalty
+        return config
+
+    def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
+                 on_text: Callable[[str], bool]) -> Generation:
+        import numpy as np
+        import openvino as ov
+        import openvino_genai
+
+        def streamer(chunk: str) -> Any:
+            return openvino_genai.StreamingStatus.CANCEL if on_text(chunk) else openvino_genai.StreamingStatus.RUNNING
+
+        tensor = ov.Tensor(np.array([list(prompt_ids)], dtype=np.int64))
+        result = self.pipeline.generate(tensor, self.generation_config(options), streamer)
+        tokens = list(result.tokens[0])
+        metrics = result.perf_metrics
+        generated = metrics.get_num_generated_tokens()
+        finish = "stop" if tokens and tokens[-1] in self._stops else "length"
+        stats = ReplyStats(finish_reason=finish, prompt_tokens=len(prompt_ids), generated_tokens=generated,
+                           ttft_s=metrics.get_ttft().mean / 1000.0,
+                           tokens_per_s=metrics.get_throughput().mean if generated > 1 else 0.0)
+        return Generation(text=self.tokenizer.decode(tokens), stats=stats)
