@@ -40,6 +40,9 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     target = check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
     except BaseException:
