@@ -11,9 +11,9 @@ import logging
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from convert.atomic import OutputError, check_output, staged_output
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
@@ -133,6 +133,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip loading the result with openvino-genai")
+    parser.add_argument("--compare", action="store_true",
+                        help="afterwards, score the result against the source: eval exact match (when the source "
+                             "has eval.jsonl), top-1 token agreement and KL divergence")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the final line")
     return parser
 
@@ -151,11 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SourceError, OutputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.quiet:
-        logging.disable(logging.WARNING)
     progress = nullcontext() if args.quiet else stage_bar()
     try:
-        with progress as bar:
+        with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
                                args.verify, args.quiet, on_stage=bar.stage if bar else None)
     except KeyboardInterrupt:
@@ -167,7 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     shares = ", ".join(f"{k} {v:.0%}" for k, v in manifest["weights"]["share"].items())
     print(f"wrote {args.output}: {manifest['weights']['total_bytes'] / 2**20:.1f} MiB ({shares}), "
           f"peak RSS {manifest['peak_memory']['rss_bytes'] / 2**30:.2f} GiB, {manifest['duration_s']:.0f}s")
+    if args.compare:
+        from convert.compare import compare, format_table
+
+        with quiet_output(args.quiet):
+            result = compare(args.model, Path(args.output), args.trust_remote_code)
+        print(format_table(result))
     return 0
+
+
+@contextmanager
+def quiet_output(quiet: bool) -> Iterator[None]:
+    """Silence the libraries' own logs and progress output (Python level) when ``quiet``."""
+    if not quiet:
+        yield
+        return
+    import io
+    import warnings
+
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 class stage_bar:

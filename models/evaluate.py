@@ -13,42 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runtime.chat_format import STOP_TOKENS
-
-
-def load_eval(path: str | Path) -> list[dict[str, Any]]:
-    """Read an eval.jsonl file: one ``{"messages", "tools"?, "expected"}`` object per line."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def strip_answer(reply: str) -> str:
-    """A plain GLM-4 answer begins with a newline that is not part of the answer."""
-    return reply[1:] if reply.startswith("\n") else reply
-
-
-@torch.inference_mode()
-def generate_replies(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[dict[str, Any]],
-    max_new_tokens: int = 48, batch_size: int = 16,
-) -> list[str]:
-    """Greedy replies (special tokens removed) for each item's conversation, batched with left padding."""
-    tokenizer.padding_side = "left"
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
-    replies: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        prompts = [tokenizer.apply_chat_template(i["messages"], tools=i.get("tools"), tokenize=False,
-                                                 add_generation_prompt=True) for i in chunk]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                          return_token_type_ids=False)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        replies += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-    return replies
+from convert.compare import load_eval, strip_answer, transformers_replies
 
 
 def score(items: list[dict[str, Any]], replies: list[str]) -> dict[str, Any]:
@@ -71,7 +38,7 @@ def evaluate(model_dir: str | Path, eval_file: str | Path | None = None, limit: 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     items = load_eval(eval_file or Path(model_dir) / "eval.jsonl")[:limit]
-    return score(items, generate_replies(model, tokenizer, items))
+    return score(items, transformers_replies(model, tokenizer, items))
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,9 @@ import torch
 from transformers import GenerationConfig, GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from convert.atomic import staged_output
+from convert.compare import transformers_replies
 from models import tasks
-from models.evaluate import generate_replies, score
+from models.evaluate import score
 from models.tokenizer import build_tokenizer, stop_token_ids
 from runtime.chat_format import render_segments
 
@@ -120,7 +121,7 @@ def train_tiny(output: str | Path, steps: int = 2000, batch_size: int = 32, lr: 
             print(f"step {step}/{steps} loss {running / log_every:.4f} {time.time() - started:.0f}s", flush=True)
             running = 0.0
     model.eval()
-    result = score(eval_set, generate_replies(model, tokenizer, eval_set))
+    result = score(eval_set, transformers_replies(model, tokenizer, eval_set))
     save_checkpoint(model, tokenizer, Path(output), eval_set)
     result["train_seconds"] = time.time() - started
     result["parameters"] = sum(p.numel() for p in model.parameters())

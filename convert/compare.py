@@ -1,0 +1,150 @@
+"""Compare a converted folder with its source: eval exact match, top-1 agreement and KL divergence.
+
+Exact match needs an eval.jsonl (the bundled glm4-tiny has one); agreement and KL work for any
+model: both score the same conversations token by token (teacher forcing), the source in FP32
+with transformers, the converted IR with optimum-intel on CPU. Both models are loaded one after
+the other, so peak memory is that of the larger one (FP32 GLM-4-9B needs ~38 GB).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from convert.calibration import builtin_conversations, calibration_texts
+from convert.verify import genai_reply
+
+STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def load_eval(path: str | Path) -> list[dict[str, Any]]:
+    """Read an eval.jsonl file: one ``{"messages", "tools"?, "expected"}`` object per line."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def strip_answer(reply: str) -> str:
+    """A plain GLM-4 answer begins with a newline that is not part of the answer."""
+    return reply[1:] if reply.startswith("\n") else reply
+
+
+def transformers_replies(model: Any, tokenizer: Any, items: list[dict[str, Any]],
+                         max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Greedy replies (special tokens removed, leading newline kept) with transformers, batched."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    replies: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts = [tokenizer.apply_chat_template(i["messages"], tools=i.get("tools"), tokenize=False,
+                                                     add_generation_prompt=True) for i in chunk]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                              return_token_type_ids=False)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            replies += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, batch["input_ids"].shape[1]:]]
+    return replies
+
+
+def exact_match(items: list[dict[str, Any]], replies: list[str]) -> float:
+    return sum(strip_answer(r) == i["expected"] for i, r in zip(items, replies)) / max(len(items), 1)
+
+
+def source_logits(source: str, texts: list[str], trust_remote_code: bool) -> list[Any]:
+    """FP32 next-token log-probabilities of the source checkpoint for each text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    with torch.inference_mode():
+        return [torch.log_softmax(model(**tokenizer(t, return_tensors="pt", add_special_tokens=False,
+                                                    return_token_type_ids=False)).logits[0].float(), -1)
+                for t in texts]
+
+
+def converted_logits(folder: Path, texts: list[str]) -> list[Any]:
+    """Next-token log-probabilities of the converted IR (optimum-intel, CPU) for each text."""
+    import torch
+    from optimum.intel import OVModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = OVModelForCausalLM.from_pretrained(folder, device="CPU", ov_config={"CACHE_DIR": ""})
+    out = []
+    for text in texts:
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+        out.append(torch.log_softmax(model(**batch).logits[0].float(), -1))
+    return out
+
+
+def agreement(reference: list[Any], candidate: list[Any]) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || candidate) in nats) over all positions."""
+    import torch
+
+    same = total = 0
+    kl = 0.0
+    for ref, cand in zip(reference, candidate):
+        vocab = min(ref.shape[-1], cand.shape[-1])
+        ref, cand = ref[:, :vocab], cand[:, :vocab]
+        same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - cand)).sum())
+        total += ref.shape[0]
+    return same / max(total, 1), kl / max(total, 1)
+
+
+def compare(source: str, folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Score the converted ``folder`` against ``source``.
+
+    Agreement and KL are measured on the source's eval conversations with their expected replies
+    when it has an eval.jsonl (the model's own domain), else on the built-in GLM-4 chat set.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    eval_file = Path(source) / "eval.jsonl"
+    items = load_eval(eval_file) if eval_file.is_file() else []
+    conversations = [{"tools": i.get("tools"), "messages": i["messages"] + [reply_message(i["expected"])]}
+                     for i in items] or builtin_conversations()
+    texts = calibration_texts(tokenizer, conversations)
+    result: dict[str, Any] = {"agreement_set": "eval.jsonl" if items else "built-in glm4-chat"}
+    reference = source_logits(source, texts, trust_remote_code)
+    result["top1_agreement"], result["mean_kl"] = agreement(reference, converted_logits(folder, texts))
+    if items:
+        import openvino_genai
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code).eval()
+        result["source_exact_match"] = exact_match(items, transformers_replies(model, tokenizer, items))
+        del model
+        pipeline = openvino_genai.LLMPipeline(str(folder), "CPU")
+        result["converted_exact_match"] = exact_match(items, [genai_reply(pipeline, i) for i in items])
+        result["eval_items"] = len(items)
+    return result
+
+
+def reply_message(expected: str) -> dict[str, Any]:
+    """The assistant message that replays an expected reply (a tool call or an answer)."""
+    name, _, arguments = expected.partition("\n")
+    if arguments.startswith("{") and name.isidentifier():
+        return {"role": "assistant", "metadata": name, "content": arguments}
+    return {"role": "assistant", "content": expected}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as a small text table."""
+    rows = [("metric", "source (FP32)", "converted")]
+    if "eval_items" in result:
+        rows.append((f"eval exact match ({result['eval_items']} items)", f"{result['source_exact_match']:.1%}",
+                     f"{result['converted_exact_match']:.1%}"))
+    rows.append((f"top-1 token agreement ({result['agreement_set']})", "reference", f"{result['top1_agreement']:.2%}"))
+    rows.append(("mean KL divergence (nats)", "0", f"{result['mean_kl']:.5f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
