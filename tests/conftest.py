@@ -25,3 +25,20 @@ def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_module("convert", "--model", str(TINY), "--output", str(output), "--profile", "cpu", "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     return output
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """glm4-tiny converted to INT8."""
+    output = tmp_path_factory.mktemp("ir") / "glm4-tiny-int8"
+    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--weight-format", "int8", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def fp32_accuracy() -> float:
+    """glm4-tiny's exact match with transformers in FP32, greedy: the bar converted models are held to."""
+    from models.evaluate import evaluate
+
+    return evaluate(TINY)["accuracy"]
