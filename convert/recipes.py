@@ -88,19 +88,25 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"--num-samples must be positive, got {recipe.num_samples}")
 
 
-def quantization_config(recipe: Recipe, tokenizer_path: str, calibration: list[str] | None) -> Any:
-    """The optimum-intel configuration for ``recipe`` (None for fp16, which only casts)."""
+def quantization_config(recipe: Recipe, tokenizer_path: str, calibration: list[str] | None,
+                        ignored: list[str] | None = None, lm_head_done: bool = False) -> Any:
+    """The optimum-intel configuration for ``recipe`` (None for fp16, which only casts).
+
+    ``ignored`` names layers already compressed (the vocabulary-sized weights); when the LM head
+    is among them, every remaining MatMul is ratio-defining, as the LM head alone was excluded.
+    """
     from optimum.intel import OVWeightQuantizationConfig
 
+    scope = {"names": ignored, "validate": False} if ignored else None
     if recipe.weight_format == "fp16":
         return None
     if recipe.weight_format == "int8":
-        return OVWeightQuantizationConfig(bits=8, sym=recipe.sym, tokenizer=tokenizer_path)
+        return OVWeightQuantizationConfig(bits=8, sym=recipe.sym, tokenizer=tokenizer_path, ignored_scope=scope)
     return OVWeightQuantizationConfig(
         bits=4, sym=recipe.sym, group_size=recipe.group_size, ratio=recipe.ratio,
-        all_layers=recipe.all_layers or None, tokenizer=tokenizer_path,
+        all_layers=(recipe.all_layers or lm_head_done) or None, tokenizer=tokenizer_path,
         dataset=calibration, num_samples=recipe.num_samples if calibration else None,
         quant_method="awq" if recipe.awq else "default",
         scale_estimation=recipe.scale_estimation or None, gptq=recipe.gptq or None,
-        group_size_fallback="adjust",
+        group_size_fallback="adjust", ignored_scope=scope,
     )

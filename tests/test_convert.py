@@ -189,3 +189,60 @@ def test_jsonl_dataset_with_awq_and_scale_estimation(tmp_path) -> None:
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["settings"]["awq"] and manifest["settings"]["scale_estimation"]
     assert manifest["checks"]["verify"]["eval_correct"] >= manifest["checks"]["verify"]["eval_items"] - 1
+
+
+def constants(folder: Path) -> list[tuple[str, tuple, str]]:
+    import openvino as ov
+
+    model = ov.Core().read_model(folder / "openvino_model.xml")
+    return sorted((op.get_output_element_type(0).get_type_name(), tuple(op.get_output_shape(0)),
+                   hashlib.sha256(op.get_tensor_view().data.tobytes()).hexdigest())
+                  for op in model.get_ops() if op.get_type_name() == "Constant")
+
+
+@pytest.mark.parametrize("recipe", [{"profile": "cpu"}, {"weight_format": "int8"},
+                                    {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8}])
+def test_chunked_vocab_compression_is_bit_identical_to_nncf(tmp_path, recipe) -> None:
+    from convert.convert import compress_ir, export_ir
+    from convert.recipes import make_recipe
+    from convert.source import resolve
+
+    source = resolve(str(TINY))
+    export_ir(source, tmp_path / "export", trust_remote_code=False)
+    settings = dict(recipe)
+    made = make_recipe(settings.pop("profile", None), **settings)
+    compress_ir(tmp_path / "export", tmp_path / "chunked", made, source, None, chunk_vocab=True)
+    compress_ir(tmp_path / "export", tmp_path / "whole", made, source, None, chunk_vocab=False)
+    assert constants(tmp_path / "chunked") == constants(tmp_path / "whole")
+
+
+def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
+    import numpy as np
+    import openvino as ov
+
+    from convert.convert import export_ir
+    from convert.source import resolve
+    from convert.vocab import compress_rows, find_vocab_weights
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = tmp_path / "bf16"  # the real GLM-4 checkpoints are bf16: exercise that path
+    AutoModelForCausalLM.from_pretrained(TINY, torch_dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(bf16)
+    export_ir(resolve(str(bf16)), tmp_path / "export", trust_remote_code=False)
+    model = ov.Core().read_model(tmp_path / "export" / "openvino_model.xml")
+    config = json.loads((TINY / "config.json").read_text())
+    weights = find_vocab_weights(model, config["vocab_size"])
+    assert {w.consumer.get_type_name() for w in weights} == {"Gather", "MatMul"}
+    from convert.vocab import rows_as_float32
+
+    table = AutoModelForCausalLM.from_pretrained(bf16).model.embed_tokens.weight.float().detach().numpy()
+    gather = next(w for w in weights if w.consumer.get_type_name() == "Gather")
+    assert np.array_equal(rows_as_float32(gather.constant, 0, len(table)), table)
+    for weight in weights:
+        assert weight.constant.get_output_element_type(0).get_type_name() == "bf16"
+        whole = compress_rows(weight, symmetric=False, rows_per_chunk=10**6)
+        chunked = compress_rows(weight, symmetric=False, rows_per_chunk=100)
+        for key in ("tensor", "scale", "zero_point"):
+            assert np.array_equal(whole[key], chunked[key]), key

@@ -1,0 +1,115 @@
+"""Compress the two vocabulary-sized weights (embedding table, LM head) in row chunks.
+
+NNCF quantizes a weight in one piece, in float32: GLM-4's 151552 x 4096 embedding table alone
+takes ~5 GB of transient memory that way, more than the rest of a 4-layer model's compression.
+Both weights are quantized channel-wise (one scale per vocabulary row) to INT8, so quantizing
+them a block of rows at a time with NNCF's own ``compress_weight`` gives the same bits (the
+tests check this against NNCF's whole-model result) at a fraction of the memory. The decompression
+subgraph is the one NNCF builds: integer constant -> Convert(f16) -> [- zero point] -> * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ROWS_PER_CHUNK = 8192
+
+
+@dataclass
+class VocabWeight:
+    """A [vocab, hidden] weight: its constant, the output its consumer reads, and the consumer."""
+
+    constant: Any
+    source: Any  # the output feeding the consumer (the constant's, or a Convert's after it)
+    consumer: Any
+    port: int
+
+
+def find_vocab_weights(model: Any, vocab_size: int) -> list[VocabWeight]:
+    """The embedding Gather's table and the LM head MatMul's weight, when shaped [vocab, hidden]."""
+    found = []
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Gather", "MatMul"):
+            continue
+        port = 0 if kind == "Gather" else 1
+        source = op.input_value(port)
+        node = source.get_node()
+        if node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        if node.get_type_name() != "Constant" or node.get_output_partial_shape(0).rank.get_length() != 2:
+            continue
+        rows, _ = node.get_output_shape(0)
+        transposed = kind == "Gather" or op.get_attributes().get("transpose_b", False)
+        if rows == vocab_size and transposed:
+            found.append(VocabWeight(node, source, op, port))
+    return found
+
+
+def rows_as_float32(constant: Any, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a (possibly memory-mapped, possibly bf16) constant as float32."""
+    raw = constant.get_tensor_view().data[start:stop]
+    if constant.get_output_element_type(0).get_type_name() == "bf16":
+        return (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def compress_rows(weight: VocabWeight, symmetric: bool, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, np.ndarray]:
+    """INT8 channel-wise compression of the weight, ``rows_per_chunk`` rows at a time, with NNCF."""
+    import nncf
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
+
+    mode = nncf.CompressWeightsMode.INT8_SYM if symmetric else nncf.CompressWeightsMode.INT8_ASYM
+    config = WeightCompressionConfig(mode=mode)
+    rows, hidden = weight.constant.get_output_shape(0)
+    out = {"tensor": np.empty((rows, hidden), np.int8 if symmetric else np.uint8),
+           "scale": np.empty((rows, 1), np.float16)}
+    if not symmetric:
+        out["zero_point"] = np.empty((rows, 1), np.uint8)
+    for start in range(0, rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, rows)
+        part = compress_weight(Tensor(rows_as_float32(weight.constant, start, stop)), (1,), config)
+        out["tensor"][start:stop] = part.tensor.as_numpy_tensor().data
+        out["scale"][start:stop] = part.scale.as_numpy_tensor().data.reshape(-1, 1)
+        if not symmetric:
+            out["zero_point"][start:stop] = part.zero_point.as_numpy_tensor().data.reshape(-1, 1)
+    return out
+
+
+def decompression_subgraph(parts: dict[str, np.ndarray], name: str, output_type: Any) -> Any:
+    """NNCF's decompression pattern for an INT8 channel-wise weight, ending in ``output_type``."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    weight = ops.convert(ops.constant(parts["tensor"], name=f"{name}_compressed", shared_memory=True), ov.Type.f16)
+    if "zero_point" in parts:
+        zero_point = ops.convert(ops.constant(parts["zero_point"], name=f"{name}_compressed/zero_point"), ov.Type.f16)
+        weight = ops.subtract(weight, zero_point, name=f"{name}_compressed/zero_point/subtract")
+    scale = ops.constant(parts["scale"], name=f"{name}_compressed/scale")
+    weight = ops.multiply(weight, scale, name=f"{name}_compressed/fq_weights")
+    return ops.convert(weight, output_type, name=name) if output_type != ov.Type.f16 else weight
+
+
+def compress_vocab_weights(model: Any, vocab_size: int, symmetric: bool,
+                           rows_per_chunk: int = ROWS_PER_CHUNK) -> list[str]:
+    """Replace the vocabulary-sized weights of ``model`` with INT8 compressed ones, in place.
+
+    A table shared by the embedding and the LM head is compressed once. Returns the names of
+    the consumers (Gather, MatMul), for NNCF's ignored scope afterwards.
+    """
+    names: list[str] = []
+    done: dict[str, Any] = {}
+    for weight in find_vocab_weights(model, vocab_size):
+        name = weight.constant.get_friendly_name()
+        key = f"{name}/{weight.source.get_element_type()}"
+        if key not in done:
+            done[key] = decompression_subgraph(compress_rows(weight, symmetric, rows_per_chunk), name,
+                                               weight.source.get_element_type())
+        weight.consumer.input(weight.port).replace_source_output(done[key].output(0))
+        names.append(weight.consumer.get_friendly_name())
+    return names
