@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL := build/glm4-tiny-int4
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: demo test setup convert-demo train-tiny clean
+.PHONY: demo test setup convert-demo train-tiny venv-chatglm clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,14 @@ demo: convert-demo
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# A second environment for the original remote-code glm-4-9b-chat (see requirements-chatglm.txt).
+venv-chatglm: .venv-chatglm/.installed
+
+.venv-chatglm/.installed: requirements-chatglm.txt
+	test -x .venv-chatglm/bin/python || $(PYTHON) -m venv .venv-chatglm
+	.venv-chatglm/bin/python -m pip install -r requirements-chatglm.txt
+	touch $@
 
 train-tiny: setup
 	$(PY) -m models.train_tiny --output models/glm4-tiny

@@ -85,7 +85,6 @@ def converted_logits(folder: Path, texts: list[str]) -> list[Any]:
 
 def agreement(reference: list[Any], candidate: list[Any]) -> tuple[float, float]:
     """(top-1 agreement, mean KL(reference || candidate) in nats) over all positions."""
-    import torch
 
     same = total = 0
     kl = 0.0

@@ -21,7 +21,7 @@ from convert.manifest import MemoryWatch, write_manifest
 from convert.recipes import PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, make_recipe, quantization_config
 from convert.source import Source, SourceError, resolve
 from convert.tokenizer_ir import TokenizerError, save_tokenizer_ir, template_mismatches
-from convert.verify import VerifyError, verify_output
+from convert.verify import verify_output
 from convert.vocab import compress_vocab_weights
 
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    except (ConversionError, TokenizerError, VerifyError, SourceError, OutputError, OSError) as error:
-        print(f"error: conversion failed, nothing was written: {error}", file=sys.stderr)
+    except Exception as error:  # any library failure: one line, never a traceback
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        print(f"error: conversion failed, nothing was written: {lines[0].strip()}", file=sys.stderr)
         return 1
     shares = ", ".join(f"{k} {v:.0%}" for k, v in manifest["weights"]["share"].items())
     print(f"wrote {args.output}: {manifest['weights']['total_bytes'] / 2**20:.1f} MiB ({shares}), "
@@ -210,17 +211,20 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def quiet_output(quiet: bool) -> Iterator[None]:
-    """Silence the libraries' own logs and progress output (Python level) when ``quiet``."""
-    if not quiet:
-        yield
-        return
+    """Hide the libraries' developer warnings (tracer, deprecation); with ``quiet``, all their output."""
     import io
     import warnings
 
-    logging.disable(logging.WARNING)
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+    for name in ("transformers", "optimum", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        if not quiet:
+            yield
+            return
+        logging.disable(logging.WARNING)
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            yield
 
 
 class stage_bar:
