@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -100,7 +102,8 @@ def write_generation_config(output: Path, tokenizer: Any) -> None:
 
 def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
             overwrite: bool = False, verify: bool = True, quiet: bool = False,
-            on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+            on_stage: Callable[[str], None] | None = None,
+            interrupted: threading.Event | None = None) -> dict[str, Any]:
     """Convert ``model`` into ``output`` atomically and return the manifest."""
     from transformers import AutoTokenizer
 
@@ -108,7 +111,15 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
     source = resolve(model, trust_remote_code)
     check_output(output, overwrite)
     conversations = load_conversations(recipe.dataset) if recipe.dataset else None
-    started, report = time.time(), on_stage or (lambda stage: None)
+    started = time.time()
+
+    def report(stage: str | None) -> None:
+        # Libraries may swallow KeyboardInterrupt; the flag set by the signal handler cannot be lost.
+        if interrupted is not None and interrupted.is_set():
+            raise KeyboardInterrupt
+        if stage and on_stage:
+            on_stage(stage)
+
     with MemoryWatch() as memory, staged_output(output, overwrite) as staging:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         stop_ids(tokenizer)
@@ -134,6 +145,7 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
             checks["verify"] = verify_output(staging, Path(source.path) if source.local else None)
         report("manifest")
         manifest = write_manifest(staging, source, recipe, checks, time.time() - started, memory)
+        report(None)  # last chance to abandon the staging folder before it becomes the output
     return manifest
 
 
@@ -186,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = nullcontext() if args.quiet else stage_bar()
+    interrupted = interrupt_flag()
     try:
         with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
-                               args.verify, args.quiet, on_stage=bar.stage if bar else None)
+                               args.verify, args.quiet, on_stage=bar.stage if bar else None,
+                               interrupted=interrupted)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
@@ -207,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
             result = compare(args.model, Path(args.output), args.trust_remote_code)
         print(format_table(result))
     return 0
+
+
+def interrupt_flag() -> threading.Event:
+    """Turn Ctrl-C and SIGTERM into KeyboardInterrupt, remembered in a flag that stages check."""
+    flag = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+    return flag
 
 
 @contextmanager

@@ -14,9 +14,11 @@ from typing import Any
 
 from runtime.engine import (ChatSession, DeviceError, Engine, EngineError, GenerationOptions, ModelLoadError,
                             PromptTooLongError, ReplyStats)
+from runtime.tools import ToolCallRecord, ToolLoopResult, ToolStepsExceeded, run_tool_loop
 
 __all__ = ["ChatSession", "DeviceError", "Engine", "EngineError", "GenerationOptions", "ModelLoadError",
-           "PromptTooLongError", "ReplyStats", "load"]
+           "PromptTooLongError", "ReplyStats", "ToolCallRecord", "ToolLoopResult", "ToolStepsExceeded", "load",
+           "run_tool_loop"]
 
 
 def load(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", **options: Any) -> Engine:

@@ -5,7 +5,8 @@
 Interactive: replies stream as they are generated; /reset, /system TEXT, /stats, /quit.
 Piped (stdin not a terminal): one message per input line, one reply per output line (newlines
 inside a reply are written as \\n). A tool call prints as ``tool_call NAME {json}`` and the next
-line is sent back as the tool's result.
+line is sent back as the tool's result. A turn that fails (a prompt too long for the context)
+prints an empty reply line and ``error: ...`` on stderr, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -72,8 +73,19 @@ def stream_reply(session: ChatSession, text: str, role: str, write: Callable[[st
         write(last.text)
 
 
-def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_stats: bool = False) -> None:
-    """Run the conversation loop over ``lines``."""
+def one_line(error: BaseException) -> str:
+    """An error as the single line users see."""
+    return "error: " + " ".join(str(error).split("\n")).strip()
+
+
+def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_stats: bool = False,
+         err: TextIO = sys.stderr) -> int:
+    """Run the conversation loop over ``lines``; return how many turns failed.
+
+    A failed turn prints one error line (piped: on ``err``, and an empty reply line on ``out``).
+    """
+    failures = 0
+
     def write(chunk: str) -> None:
         out.write(chunk.replace("\n", "\\n") if piped else chunk)
         out.flush()
@@ -107,7 +119,13 @@ def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_sta
         try:
             stream_reply(session, text, role, write)
         except (EngineError, ValueError) as error:
-            out.write(f"\nerror: {error}\n")
+            failures += 1
+            if piped:
+                out.write("\n")
+                out.flush()
+                err.write(one_line(error) + "\n")
+            else:
+                out.write("\n" + one_line(error) + "\n")
             continue
         call = session.last.tool_call if session.last and not session.last.malformed else None
         if call is not None:
@@ -119,6 +137,7 @@ def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_sta
         if show_stats:
             out.write(format_stats(session) + "\n")
         out.flush()
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,17 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         tools = read_tools(args.tools) if args.tools else None
         engine = runtime.load(args.model, args.device)
     except (EngineError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(one_line(error), file=sys.stderr)
         return 2
     session = ChatSession(engine, system=args.system, tools=tools, options=options)
     piped = not sys.stdin.isatty()
     if not piped:
         print(f"{engine.name} on {engine.device}. {HELP}")
     try:
-        chat(session, sys.stdin, sys.stdout, piped, args.stats)
+        failures = chat(session, sys.stdin, sys.stdout, piped, args.stats)
     except KeyboardInterrupt:
         print()
-    return 0
+        return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

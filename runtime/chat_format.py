@@ -9,7 +9,7 @@ A reply is either plain text (starting with ``\\n``) or a tool call ``name\\n{js
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 PREFIX = "[gMASK]<sop>"
@@ -172,29 +172,26 @@ class Reply:
     text: str
     tool_call: ToolCall | None = None
     malformed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_reply(raw: str, tool_names: Iterable[str] = ()) -> Reply:
-    """Split a generated reply into text or a tool call; never raises on model output."""
+    """Split a generated reply into text or a tool call; never raises on model output.
+
+    A call to an undeclared tool, or with arguments that are not a JSON object, keeps its
+    ``tool_call`` (arguments None when not JSON) with ``malformed`` set and the raw reply as text.
+    """
     if raw.startswith("\n") or "\n" not in raw:
         return Reply(text=raw[1:] if raw.startswith("\n") else raw)
     name, arguments = raw.split("\n", 1)
-    names = set(tool_names)
-    if names and name.strip() not in names:
-        return Reply(text=raw, malformed=True)
     try:
         parsed = json.loads(arguments)
     except ValueError:
         parsed = None
-    if not isinstance(parsed, dict):
-        return Reply(text=raw, tool_call=ToolCall(name.strip(), None, arguments), malformed=True)
-    return Reply(text="", tool_call=ToolCall(name.strip(), parsed, arguments))
-
-
-def assistant_history_message(reply_text: str) -> Message:
-    """The history entry for a decoded plain answer (its leading newline dropped)."""
-    return {"role": "assistant", "content": reply_text[1:] if reply_text.startswith("\n") else reply_text}
+    call = ToolCall(name.strip(), parsed if isinstance(parsed, dict) else None, arguments)
+    names = set(tool_names)
+    if call.arguments is None or (names and call.name not in names):
+        return Reply(text=raw, tool_call=call, malformed=True)
+    return Reply(text="", tool_call=call)
 
 
 def tool_call_message(call: ToolCall) -> Message:

@@ -7,6 +7,7 @@ replies into text or tool calls. Backends never see GLM-4's format.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -145,18 +146,22 @@ class ChatSession:
 
     def send_tool_result(self, result: Any) -> Iterator[str]:
         """Return a tool's result (any JSON value or text) to the model and stream its reply."""
-        import json
-
         return self.send(result if isinstance(result, str) else json.dumps(result, ensure_ascii=False),
                          role="observation")
 
     def _stream(self, message: Message) -> Iterator[str]:
+        """Generate on a worker thread and hand its chunks over as they come.
+
+        The engine hears a cancel() at its next chunk (openvino-genai streams from its own thread,
+        so it may run a few tokens further); chunks not yet handed over when cancel() is called are
+        dropped, and a cancelled reply, in the result and the history, is what the consumer received.
+        """
         pending = self.messages() + [message]
         kept, ids = trim_history(self.engine, pending, self.tools)
         self._cancel.clear()
-        chunks: list[str] = []
-        result: dict[str, Generation] = {}
+        delivered: list[str] = []
         queue: list[str] = []
+        result: dict[str, Any] = {}
         ready = threading.Condition()
 
         def on_text(chunk: str) -> bool:
@@ -169,7 +174,7 @@ class ChatSession:
             try:
                 result["done"] = self.engine.generate(ids, self.options, on_text)
             except BaseException as error:  # handed to the consuming thread
-                result["error"] = error  # type: ignore[assignment]
+                result["error"] = error
             with ready:
                 ready.notify()
 
@@ -179,29 +184,30 @@ class ChatSession:
             while True:
                 with ready:
                     ready.wait_for(lambda: queue or result)
-                    batch, queue[:] = list(queue), []
-                for chunk in batch:
-                    chunks.append(chunk)
-                    yield chunk
-                if result and not queue:
+                    chunk = queue.pop(0) if queue else None
+                if chunk is None:
                     break
+                if not self._cancel.is_set():
+                    delivered.append(chunk)
+                    yield chunk
         finally:
             if worker.is_alive():
                 self._cancel.set()
             worker.join()
         if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        self._finish(kept, message, result["done"])
+            raise result["error"]
+        self._finish(kept, result["done"], "".join(delivered))
 
-    def _finish(self, kept: list[Message], message: Message, generation: Generation) -> None:
+    def _finish(self, kept: list[Message], generation: Generation, delivered: str) -> None:
         system_count = 1 if self.system else 0
         self.history = kept[system_count:]
-        reply = chat_format.parse_reply(generation.text, [chat_format.function_of(t)["name"] for t in self.tools or []])
-        if self._cancel.is_set():
-            generation.stats.finish_reason = "cancelled"
-        elif reply.tool_call and not reply.malformed:
+        text = generation.text
+        if self._cancel.is_set() and not (delivered == text and generation.stats.finish_reason == "stop"):
+            text, generation.stats.finish_reason = delivered, "cancelled"
+        reply = chat_format.parse_reply(text, [chat_format.function_of(t)["name"] for t in self.tools or []])
+        if reply.tool_call and not reply.malformed and generation.stats.finish_reason != "cancelled":
             generation.stats.finish_reason = "tool_calls"
-        if reply.tool_call and not reply.malformed:
+        if reply.tool_call and reply.tool_call.raw_arguments:  # replayed as generated, even when unusable
             self.history.append(chat_format.tool_call_message(reply.tool_call))
         elif reply.text:
             self.history.append({"role": "assistant", "content": reply.text})

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from runtime.chat_format import SPECIAL_TOKENS
-from runtime.engine import DeviceError, Generation, GenerationOptions, ModelLoadError, ReplyStats
+from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
 INSTALL_HINTS = {
     "GPU": "install Intel's GPU driver (compute runtime / Level Zero; on Windows the Arc/Iris Xe graphics driver)",
     "NPU": "install Intel's NPU driver (Core Ultra only; on Windows the Intel NPU driver, on Linux linux-npu-driver)",
@@ -46,7 +47,7 @@ def device_properties(device: str, cache_dir: Path | None, threads: int | None =
 
 def check_device(device: str, available: Sequence[str]) -> None:
     """Raise DeviceError unless ``device`` (CPU, GPU, GPU.1, NPU, AUTO...) is present."""
-    kind = device.split(".")[0]
+    kind = device.split(":")[0].split(".")[0]
     if kind in ("AUTO", "HETERO", "MULTI"):
         return
     if kind not in ("CPU", "GPU", "NPU"):
@@ -59,13 +60,51 @@ def check_device(device: str, available: Sequence[str]) -> None:
 
 
 def check_model_dir(folder: Path) -> None:
+    """Raise ModelLoadError unless ``folder`` holds a complete, readable, untruncated model."""
     if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist")
+        raise ModelLoadError(f"model folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         hint = " (convert the checkpoint with python -m convert)" if "openvino_model.xml" in missing else \
             " (the tokenizer IR is missing: reconvert with python -m convert)"
         raise ModelLoadError(f"{folder} is not a converted model: missing {', '.join(missing)}{hint}")
+    for name in IR_FILES:
+        check_ir(folder / name)
+
+
+def check_ir(xml_path: Path) -> None:
+    """Check that an IR's XML parses and that its .bin holds every constant the XML points to.
+
+    OpenVINO reports these as a bare "Incorrect weights in bin file!" (or tries every frontend,
+    logging to stderr), without naming the file.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    needed, first = 0, True
+    try:
+        for event, element in ElementTree.iterparse(xml_path, events=("start", "end")):
+            if first and element.tag != "net":
+                raise ModelLoadError(f"{xml_path} is not an OpenVINO IR (root element <{element.tag}>); "
+                                     "reconvert the model")
+            first = False
+            if event == "start" and element.tag == "data" and element.get("offset") is not None:
+                needed = max(needed, int(element.get("offset", 0)) + int(element.get("size", 0)))
+            elif event == "end" and element.tag == "layer":
+                element.clear()  # keeps memory flat on a multi-gigabyte model's IR
+    except (OSError, ValueError, ElementTree.ParseError) as error:  # ParseError is a SyntaxError
+        raise ModelLoadError(f"{xml_path} is not a readable OpenVINO IR ({error}); reconvert the model") from None
+    bin_path = xml_path.with_suffix(".bin")
+    size = bin_path.stat().st_size if bin_path.is_file() else 0
+    if size < needed:
+        raise ModelLoadError(f"{bin_path} is truncated or missing ({size} bytes, the IR needs {needed}); "
+                             "copy or reconvert the model again")
+
+
+def error_summary(error: BaseException) -> str:
+    """The informative line of an OpenVINO error (its first lines only name C++ source files)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (useful or lines or [type(error).__name__])[-1]
 
 
 def context_length(folder: Path) -> int:
@@ -97,11 +136,12 @@ class OpenVINOEngine:
         try:
             self.pipeline = openvino_genai.LLMPipeline(str(folder), device, **properties)
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(f"cannot load {folder} on {device}: {first}") from error
+            raise ModelLoadError(f"cannot load {folder} on {device}: {error_summary(error)}") from error
         self.tokenizer = self.pipeline.get_tokenizer()
         self.name, self.device, self.properties = folder.name, device, properties
-        self.max_prompt_tokens = max_prompt_len if device.startswith("NPU") else context_length(folder)
+        # NPU compiles for MAX_PROMPT_LEN; elsewhere keep MIN_RESPONSE_LEN of the context for the reply.
+        self.max_prompt_tokens = (max_prompt_len if device.startswith("NPU")
+                                  else max(context_length(folder) - min_response_len, 1))
         vocab = self.tokenizer.get_vocab()  # keys are bytes in some releases, str in others
         self._special_ids = {token: int(vocab[key]) for token in SPECIAL_TOKENS
                              for key in (token, token.encode()) if key in vocab}
@@ -137,7 +177,10 @@ class OpenVINOEngine:
             return openvino_genai.StreamingStatus.CANCEL if on_text(chunk) else openvino_genai.StreamingStatus.RUNNING
 
         tensor = ov.Tensor(np.array([list(prompt_ids)], dtype=np.int64))
-        result = self.pipeline.generate(tensor, self.generation_config(options), streamer)
+        try:
+            result = self.pipeline.generate(tensor, self.generation_config(options), streamer)
+        except RuntimeError as error:
+            raise EngineError(f"generation failed on {self.device}: {error_summary(error)}") from error
         tokens = list(result.tokens[0])
         metrics = result.perf_metrics
         generated = metrics.get_num_generated_tokens()

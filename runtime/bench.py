@@ -1,0 +1,283 @@
+"""Benchmark converted GLM-4 models: load time, first token, decode speed, memory, roofline.
+
+    python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --new-tokens 128
+
+Each model folder is measured in a child process of its own, so its peak RSS and its cold load
+are its own. Decode speed is set against the machine's memory bandwidth, measured in the same
+run: at batch 1 every generated token reads all weights once (the embedding table aside), so
+bandwidth / weight bytes is the ceiling no CPU recipe can pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.chat_format import encode_prompt, prompt_parts
+
+FIELDS = ("model", "backend", "device", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
+          "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
+          "weight_bytes_per_token", "bandwidth_bytes_per_s", "decode_ceiling_tokens_per_s", "ceiling_fraction")
+
+
+def memory_bandwidth(size_mb: int = 512, repeats: int = 5, threads: int = 2) -> float:
+    """Copy bandwidth in bytes/s (read + write), best of ``repeats``, using ``threads`` threads."""
+    import numpy as np
+
+    chunks = [(np.ones(size_mb * 2**20 // 8 // threads), np.empty(size_mb * 2**20 // 8 // threads))
+              for _ in range(threads)]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=(dst, src)) for src, dst in chunks]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, 2 * size_mb * 2**20 / (time.perf_counter() - start))
+    return best
+
+
+def weight_bytes_per_token(model_xml: Path) -> int:
+    """Bytes of weight constants one decode step reads: all of them except the embedding table."""
+    import openvino as ov
+
+    model = ov.Core().read_model(model_xml)
+    embedding = set()
+    for op in model.get_ops():
+        if op.get_type_name() == "Gather" and op.get_output_partial_shape(0).rank.get_length() == 3:
+            stack = [op.input_value(0).get_node()]
+            while stack:  # the table and its decompression constants
+                node = stack.pop()
+                embedding.add(node.get_friendly_name())
+                stack += [value.get_node() for value in node.input_values()]
+    total = 0
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant" and op.get_friendly_name() not in embedding:
+            count = 1
+            for dim in op.get_output_shape(0):
+                count *= dim
+            total += count * op.get_output_element_type(0).bitwidth // 8
+    return total
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def prompt_of_length(engine: Any, length: int) -> list[int]:
+    """A GLM-4 user prompt of exactly ``length`` tokens."""
+    frame = encode_prompt(prompt_parts([{"role": "user", "content": "x"}]), engine.encode, engine.token_id)
+    filler = engine.encode("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * (length // 8 + 8))
+    return frame[:3] + filler[: length - 4] + frame[-1:]  # [gMASK] <sop> <|user|> ... <|assistant|>
+
+
+def measure_openvino(folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
+                     runs: int) -> list[dict[str, Any]]:
+    """All measurements of one OpenVINO model folder (run inside a child process)."""
+    from runtime.openvino_engine import OpenVINOEngine
+
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads)
+        cold = time.perf_counter() - start
+        del engine
+        start = time.perf_counter()
+        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads)
+        warm = time.perf_counter() - start
+        config = engine.pipeline.get_generation_config()
+        config.max_new_tokens, config.min_new_tokens, config.ignore_eos, config.do_sample = new_tokens, new_tokens, True, False
+        rows = []
+        for length in lengths:
+            ids = prompt_of_length(engine, length)
+            ttfts, tpots = [], []
+            for run in range(runs + 1):  # the first run warms up
+                metrics = engine.pipeline.generate(tensor(ids), config).perf_metrics
+                if run:
+                    ttfts.append(metrics.get_ttft().mean / 1000)
+                    tpots.append(metrics.get_tpot().mean / 1000)
+            rows.append({"prompt_tokens": len(ids), "ttft_s": statistics.median(ttfts),
+                         "tpot_s": statistics.median(tpots)})
+        del engine
+    weights = weight_bytes_per_token(Path(folder) / "openvino_model.xml")
+    return [dict(row, load_cold_s=cold, load_warm_s=warm, weight_bytes_per_token=weights) for row in rows]
+
+
+def tensor(ids: list[int]) -> Any:
+    import numpy as np
+    import openvino as ov
+
+    return ov.Tensor(np.array([ids], dtype=np.int64))
+
+
+def measure_transformers(folder: str, threads: int, lengths: list[int], new_tokens: int,
+                         runs: int) -> list[dict[str, Any]]:
+    """Plain transformers FP32 on CPU, for comparison (run inside a child process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    load = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。"
+    rows = []
+    for length in lengths:
+        ids = tokenizer(text * (length // 8 + 8), return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
+        ttfts, tpots = [], []
+        with torch.inference_mode():
+            for run in range(runs + 1):
+                start = time.perf_counter()
+                out = model(ids, use_cache=True)
+                ttft = time.perf_counter() - start
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(new_tokens - 1):
+                    out = model(token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if run:
+                    ttfts.append(ttft)
+                    tpots.append((time.perf_counter() - start) / max(new_tokens - 1, 1))
+        rows.append({"prompt_tokens": length, "ttft_s": statistics.median(ttfts), "tpot_s": statistics.median(tpots)})
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return [dict(row, load_cold_s=load, load_warm_s=None, weight_bytes_per_token=weights) for row in rows]
+
+
+def child(queue: Any, backend: str, folder: str, device: str, threads: int, lengths: list[int],
+          new_tokens: int, runs: int) -> None:
+    try:
+        if backend == "transformers":
+            rows = measure_transformers(folder, threads, lengths, new_tokens, runs)
+        else:
+            rows = measure_openvino(folder, device, threads, lengths, new_tokens, runs)
+        queue.put(("ok", rows, peak_rss()))
+    except Exception as error:  # reported by the parent in one line
+        queue.put(("error", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", 0))
+
+
+def bench(models: list[str], backend: str = "openvino", device: str = "CPU", threads: int | None = None,
+          lengths: tuple[int, ...] = (32, 256, 1024), new_tokens: int = 128, runs: int = 3) -> list[dict[str, Any]]:
+    """Measure every model folder; returns one row per (model, prompt length)."""
+    threads = threads or os.cpu_count() or 1
+    bandwidth = memory_bandwidth(threads=threads)
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for folder in models:
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue, backend, folder, device, threads, list(lengths),
+                                                      new_tokens, runs))
+        process.start()
+        status, rows, rss = queue.get()
+        process.join()
+        if status != "ok":
+            raise RuntimeError(f"{folder}: {rows}")
+        for row in rows:
+            decode = 1.0 / row["tpot_s"] if row["tpot_s"] else 0.0
+            ceiling = bandwidth / row["weight_bytes_per_token"]
+            results.append({"model": Path(folder).name, "backend": backend, "device": device, "threads": threads,
+                            "new_tokens": new_tokens, "peak_rss_bytes": rss, "bandwidth_bytes_per_s": bandwidth,
+                            "prefill_tokens_per_s": row["prompt_tokens"] / row["ttft_s"],
+                            "decode_tokens_per_s": decode, "decode_ceiling_tokens_per_s": ceiling,
+                            "ceiling_fraction": decode / ceiling, **row})
+    return [{key: row.get(key) for key in FIELDS} for row in results]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ("model", "backend", "prompt", "load cold/warm s", "TTFT ms", "TPOT ms", "prefill tok/s",
+              "decode tok/s", "ceiling tok/s", "of ceiling", "peak RSS GiB")
+    lines = [header]
+    for r in rows:
+        warm = f"{r['load_warm_s']:.2f}" if r["load_warm_s"] is not None else "-"
+        lines.append((r["model"], r["backend"], str(r["prompt_tokens"]), f"{r['load_cold_s']:.2f}/{warm}",
+                      f"{r['ttft_s'] * 1000:.1f}", f"{r['tpot_s'] * 1000:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
+                      f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_ceiling_tokens_per_s']:.1f}",
+                      f"{r['ceiling_fraction']:.0%}", f"{r['peak_rss_bytes'] / 2**30:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Decode and prefill tokens/s against prompt length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(f"{r['model']} ({r['backend']})" for r in rows):
+        mine = [r for r in rows if f"{r['model']} ({r['backend']})" == name]
+        lengths = [r["prompt_tokens"] for r in mine]
+        left.plot(lengths, [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
+        right.plot(lengths, [r["prefill_tokens_per_s"] for r in mine], marker="o", label=name)
+    for axis, title in ((left, "decode tokens/s"), (right, "prefill tokens/s")):
+        axis.set_xscale("log")
+        axis.set_xlabel("prompt tokens")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", nargs="+", required=True, help="converted folders (or HF checkpoints with "
+                        "--backend transformers)")
+    parser.add_argument("--backend", choices=("openvino", "transformers"), default="openvino")
+    parser.add_argument("--device", default="CPU")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--prompt-lengths", default="32,256,1024", help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per length (median), after one warm-up")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--plot", help="write a PNG plot of tokens/s against prompt length here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        lengths = tuple(int(x) for x in args.prompt_lengths.split(","))
+        if min(lengths) < 4 or args.new_tokens < 2 or args.runs < 1:
+            raise ValueError
+    except ValueError:
+        print("error: --prompt-lengths must be integers >= 4, --new-tokens >= 2, --runs >= 1", file=sys.stderr)
+        return 2
+    missing = [m for m in args.model if not Path(m).is_dir()]
+    if missing:
+        print(f"error: no such model folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        rows = bench(args.model, args.backend, args.device, args.threads, lengths, args.new_tokens, args.runs)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"memory bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (copy, {rows[0]['threads']} threads)")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
