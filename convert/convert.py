@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -243,6 +244,7 @@ def quiet_output(quiet: bool) -> Iterator[None]:
     import io
     import warnings
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warning from the HF tokenizers
     for name in ("transformers", "optimum", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():

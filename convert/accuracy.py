@@ -1,0 +1,95 @@
+"""Tabulate what each compression recipe costs in quality, against the FP32 source.
+
+    python -m convert.accuracy --model models/glm4-tiny
+    python -m convert.accuracy --model build/glm4-shape-4l --recipes int8,cpu,npu
+
+Each recipe is converted into a temporary folder with ``python -m convert``'s own code and scored
+with :func:`convert.compare.compare`: eval exact match where the source has an eval.jsonl, top-1
+token agreement and mean KL divergence for any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from convert.calibration import BUILTIN
+from convert.compare import compare
+from convert.convert import convert, quiet_output
+from convert.recipes import make_recipe
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "fp16": {"weight_format": "fp16"},
+    "int8": {"weight_format": "int8"},
+    "cpu": {"profile": "cpu"},
+    "npu": {"profile": "npu"},
+    "gpu": {"profile": "gpu"},
+    "int4-asym-g128-r0.8": {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8},
+    "int4-awq-se": {"weight_format": "int4", "group_size": 64, "awq": True, "scale_estimation": True,
+                    "dataset": BUILTIN},
+}
+DEFAULT = ("fp16", "int8", "cpu", "npu", "int4-asym-g128-r0.8", "int4-awq-se")
+
+
+def accuracy(model: str, recipes: list[str], trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """One row per recipe: its settings, the converted size and the comparison with the source."""
+    rows = []
+    for name in recipes:
+        settings = dict(RECIPES[name])
+        recipe = make_recipe(settings.pop("profile", None), **settings)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch) / name
+            manifest = convert(model, folder, recipe, trust_remote_code, verify=False, quiet=True)
+            result = compare(model, folder, trust_remote_code)
+        rows.append({"recipe": name, "settings": recipe.as_dict(), "bytes": manifest["weights"]["total_bytes"],
+                     **result})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [("recipe", "IR MiB", "exact match (source)", "top-1 agreement", "mean KL")]
+    for r in rows:
+        exact = (f"{r['converted_exact_match']:.1%} ({r['source_exact_match']:.1%})"
+                 if "eval_items" in r else "-")
+        lines.append((r["recipe"], f"{r['bytes'] / 2**20:.1f}", exact, f"{r['top1_agreement']:.2%}",
+                      f"{r['mean_kl']:.5f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert.accuracy",
+                                     description="Quality of each compression recipe against the FP32 source.")
+    parser.add_argument("--model", required=True, help="source checkpoint folder")
+    parser.add_argument("--recipes", default=",".join(DEFAULT),
+                        help=f"comma-separated, from: {', '.join(RECIPES)} (default: {','.join(DEFAULT)})")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or not recipes:
+        print(f"error: unknown recipe {', '.join(unknown) or '(none)'}; choose from {', '.join(RECIPES)}",
+              file=sys.stderr)
+        return 2
+    if not Path(args.model, "config.json").is_file():
+        print(f"error: {args.model} is not a checkpoint folder (no config.json)", file=sys.stderr)
+        return 2
+    with quiet_output(True):
+        rows = accuracy(args.model, recipes, args.trust_remote_code)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
