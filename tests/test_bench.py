@@ -1,0 +1,50 @@
+"""The benchmark and the per-recipe accuracy table run end to end on glm4-tiny (no speed thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+from runtime.bench import FIELDS
+from tests.conftest import TINY, run_module
+
+
+def test_openvino_and_transformers_benchmarks_write_every_field(tmp_path, tiny_int4) -> None:
+    for backend, model in (("openvino", tiny_int4), ("transformers", TINY)):
+        out, png = tmp_path / f"{backend}.json", tmp_path / f"{backend}.png"
+        result = run_module("runtime.bench", "--model", str(model), "--backend", backend, "--prompt-lengths", "16,48",
+                            "--new-tokens", "8", "--runs", "1", "--threads", "2", "--json", str(out), "--plot", str(png))
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = json.loads(out.read_text())
+        assert [r["prompt_tokens"] for r in rows] == [16, 48]
+        for row in rows:
+            assert set(row) == set(FIELDS)
+            assert row["backend"] == backend and row["new_tokens"] == 8 and row["threads"] == 2
+            assert 0 < row["ttft_s"] < 60 and 0 < row["tpot_s"] < 10 and row["load_cold_s"] > 0
+            assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+            assert 1e8 < row["bandwidth_bytes_per_s"] < 1e13  # 0.1 GB/s to 10 TB/s
+            assert 1e5 < row["weight_bytes_per_token"] < 1e8  # glm4-tiny's weights, embedding table excluded
+            assert row["decode_ceiling_tokens_per_s"] > row["decode_tokens_per_s"] * 0.5
+            assert 0 < row["ceiling_fraction"] and 2**20 < row["peak_rss_bytes"] < 2**34
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "decode tok/s" in result.stdout
+    openvino = json.loads((tmp_path / "openvino.json").read_text())[0]
+    assert openvino["load_warm_s"] is not None and openvino["weight_bytes_per_token"] < 0.5 * json.loads(
+        (tmp_path / "transformers.json").read_text())[0]["weight_bytes_per_token"]  # INT4 reads far less than FP32
+
+
+def test_bench_rejects_bad_arguments(tmp_path) -> None:
+    result = run_module("runtime.bench", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2 and result.stderr.startswith("error:")
+    result = run_module("runtime.bench", "--model", str(TINY), "--prompt-lengths", "abc")
+    assert result.returncode == 2 and result.stderr.startswith("error:")
+
+
+def test_accuracy_table_for_one_recipe(tmp_path) -> None:
+    out = tmp_path / "acc.json"
+    result = run_module("convert.accuracy", "--model", str(TINY), "--recipes", "int8", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["recipe"] == "int8" and row["eval_items"] == 240
+    assert abs(row["converted_exact_match"] - row["source_exact_match"]) <= 0.005
+    assert row["top1_agreement"] > 0.95 and 0 <= row["mean_kl"] < 0.01
+    assert run_module("convert.accuracy", "--model", str(TINY), "--recipes", "int3").returncode == 2
