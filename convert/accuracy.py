@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from convert.calibration import BUILTIN
-from convert.compare import compare
+from convert.compare import compare, reference
 from convert.convert import convert, quiet_output
 from convert.recipes import make_recipe
 
@@ -38,13 +38,14 @@ DEFAULT = ("fp16", "int8", "cpu", "npu", "int4-asym-g128-r0.8", "int4-awq-se")
 def accuracy(model: str, recipes: list[str], trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """One row per recipe: its settings, the converted size and the comparison with the source."""
     rows = []
+    ref = reference(model, trust_remote_code)
     for name in recipes:
         settings = dict(RECIPES[name])
         recipe = make_recipe(settings.pop("profile", None), **settings)
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch) / name
             manifest = convert(model, folder, recipe, trust_remote_code, verify=False, quiet=True)
-            result = compare(model, folder, trust_remote_code)
+            result = compare(model, folder, trust_remote_code, ref)
         rows.append({"recipe": name, "settings": recipe.as_dict(), "bytes": manifest["weights"]["total_bytes"],
                      **result})
     return rows

@@ -9,6 +9,7 @@ the other, so peak memory is that of the larger one (FP32 GLM-4-9B needs ~38 GB)
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,10 @@ def exact_match(items: list[dict[str, Any]], replies: list[str]) -> float:
     return sum(strip_answer(r) == i["expected"] for i, r in zip(items, replies)) / max(len(items), 1)
 
 
-def source_logits(source: str, texts: list[str], trust_remote_code: bool) -> list[Any]:
-    """FP32 next-token log-probabilities of the source checkpoint for each text."""
+def source_logits(model: Any, tokenizer: Any, texts: list[str]) -> list[Any]:
+    """Next-token log-probabilities of the (transformers) source model for each text."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
     with torch.inference_mode():
         return [torch.log_softmax(model(**tokenizer(t, return_tensors="pt", add_special_tokens=False,
                                                     return_token_type_ids=False)).logits[0].float(), -1)
@@ -97,13 +94,25 @@ def agreement(reference: list[Any], candidate: list[Any]) -> tuple[float, float]
     return same / max(total, 1), kl / max(total, 1)
 
 
-def compare(source: str, folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Score the converted ``folder`` against ``source``.
+@dataclass
+class Reference:
+    """What the FP32 source gives once, for comparing any number of converted folders with it."""
 
-    Agreement and KL are measured on the source's eval conversations with their expected replies
-    when it has an eval.jsonl (the model's own domain), else on the built-in GLM-4 chat set.
+    texts: list[str]
+    logits: list[Any]
+    items: list[dict[str, Any]]
+    exact_match: float | None
+    agreement_set: str
+
+
+def reference(source: str, trust_remote_code: bool = False) -> Reference:
+    """Score the source: log-probabilities on the agreement texts and, with an eval.jsonl, exact match.
+
+    The texts are the source's eval conversations with their expected replies when it has an
+    eval.jsonl (the model's own domain), else the built-in GLM-4 chat set.
     """
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     eval_file = Path(source) / "eval.jsonl"
@@ -111,21 +120,25 @@ def compare(source: str, folder: Path, trust_remote_code: bool = False) -> dict[
     conversations = [{"tools": i.get("tools"), "messages": i["messages"] + [reply_message(i["expected"])]}
                      for i in items] or builtin_conversations()
     texts = calibration_texts(tokenizer, conversations)
-    result: dict[str, Any] = {"agreement_set": "eval.jsonl" if items else "built-in glm4-chat"}
-    reference = source_logits(source, texts, trust_remote_code)
-    result["top1_agreement"], result["mean_kl"] = agreement(reference, converted_logits(folder, texts))
-    if items:
-        import openvino_genai
-        import torch
-        from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    logits = source_logits(model, tokenizer, texts)
+    exact = exact_match(items, transformers_replies(model, tokenizer, items)) if items else None
+    return Reference(texts, logits, items, exact, "eval.jsonl" if items else "built-in glm4-chat")
 
-        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32,
-                                                     trust_remote_code=trust_remote_code).eval()
-        result["source_exact_match"] = exact_match(items, transformers_replies(model, tokenizer, items))
-        del model
+
+def compare(source: str, folder: Path, trust_remote_code: bool = False, ref: Reference | None = None) -> dict[str, Any]:
+    """Score the converted ``folder`` against ``source`` (or its precomputed ``ref``)."""
+    ref = ref or reference(source, trust_remote_code)
+    result: dict[str, Any] = {"agreement_set": ref.agreement_set}
+    result["top1_agreement"], result["mean_kl"] = agreement(ref.logits, converted_logits(folder, ref.texts))
+    if ref.items:
+        import openvino_genai
+
         pipeline = openvino_genai.LLMPipeline(str(folder), "CPU")
-        result["converted_exact_match"] = exact_match(items, [genai_reply(pipeline, i) for i in items])
-        result["eval_items"] = len(items)
+        result["source_exact_match"] = ref.exact_match
+        result["converted_exact_match"] = exact_match(ref.items, [genai_reply(pipeline, i) for i in ref.items])
+        result["eval_items"] = len(ref.items)
     return result
 
 

@@ -1,0 +1,1 @@
+"""Desktop demos of glm4-intel: ``python -m demos.gradio_chat`` (a chat in the browser)."""
