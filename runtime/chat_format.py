@@ -177,10 +177,12 @@ class Reply:
 def parse_reply(raw: str, tool_names: Iterable[str] = ()) -> Reply:
     """Split a generated reply into text or a tool call; never raises on model output.
 
-    A call to an undeclared tool, or with arguments that are not a JSON object, keeps its
-    ``tool_call`` (arguments None when not JSON) with ``malformed`` set and the raw reply as text.
+    With no tools declared every reply is text. A call to an undeclared tool, or with arguments
+    that are not a JSON object, keeps its ``tool_call`` (arguments None when not JSON) with
+    ``malformed`` set and the raw reply as text.
     """
-    if raw.startswith("\n") or "\n" not in raw:
+    names = set(tool_names)
+    if not names or raw.startswith("\n") or "\n" not in raw:
         return Reply(text=raw[1:] if raw.startswith("\n") else raw)
     name, arguments = raw.split("\n", 1)
     try:
@@ -188,10 +190,14 @@ def parse_reply(raw: str, tool_names: Iterable[str] = ()) -> Reply:
     except ValueError:
         parsed = None
     call = ToolCall(name.strip(), parsed if isinstance(parsed, dict) else None, arguments)
-    names = set(tool_names)
-    if call.arguments is None or (names and call.name not in names):
+    if call.arguments is None or call.name not in names:
         return Reply(text=raw, tool_call=call, malformed=True)
     return Reply(text="", tool_call=call)
+
+
+def tool_call_prefix(name: str) -> str:
+    """How a reply that calls ``name`` begins; its JSON arguments follow."""
+    return f"{name}\n"
 
 
 def tool_call_message(call: ToolCall) -> Message:

@@ -131,3 +131,8 @@ def test_parse_reply(raw: str, text: str, call, malformed: bool) -> None:
         assert (reply.tool_call.name, reply.tool_call.arguments) == call
     else:
         assert reply.text == text
+
+
+def test_without_declared_tools_every_reply_is_text() -> None:
+    reply = cf.parse_reply('get_weather\n{"city": "Paris"}', [])
+    assert reply.tool_call is None and not reply.malformed and reply.text == 'get_weather\n{"city": "Paris"}'
