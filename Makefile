@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_MODEL := build/glm4-tiny-int4
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: demo test setup convert-demo train-tiny venv-chatglm clean
+.PHONY: demo demo-chat demo-ui test test-xeon setup browser convert-demo train-tiny venv-chatglm venv-xeon clean
 
 setup: $(VENV)/.installed
 
@@ -19,13 +19,28 @@ $(VENV)/.installed: requirements.txt
 convert-demo: setup
 	$(PY) -m convert --model models/glm4-tiny --output $(DEMO_MODEL) --profile cpu --overwrite
 
-demo: convert-demo
+# The main job: convert the bundled model, answer a question in the terminal, then serve the browser chat.
+demo: demo-chat demo-ui
+
+demo-chat: convert-demo
 	@echo "--- GLM-4 chat on CPU, $(DEMO_MODEL) (streamed):"
 	@echo "> $(DEMO_QUESTION)"
 	@echo "$(DEMO_QUESTION)" | $(PY) -m runtime.chat --model $(DEMO_MODEL) --stats
 
-test: setup
+# The chat in the browser (python -m demos.gradio_chat) on the bundled model: http://127.0.0.1:7860 (Ctrl-C stops it)
+demo-ui: convert-demo
+	$(PY) -m demos.gradio_chat --model $(DEMO_MODEL)
+
+test: setup browser venv-xeon
 	$(PY) -m pytest -q tests
+	$(MAKE) test-xeon
+
+# Debian's Chromium (and a CJK font) for the browser tests; Playwright drives it and never downloads one.
+browser:
+	@test -x /usr/bin/chromium || { \
+		if ! command -v apt-get >/dev/null; then echo "no /usr/bin/chromium and no apt-get: the browser tests will be skipped"; exit 0; fi; \
+		if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+		$$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y chromium fonts-noto-cjk; }
 
 # A second environment for the original remote-code glm-4-9b-chat (see requirements-chatglm.txt).
 venv-chatglm: .venv-chatglm/.installed
@@ -34,6 +49,18 @@ venv-chatglm: .venv-chatglm/.installed
 	test -x .venv-chatglm/bin/python || $(PYTHON) -m venv .venv-chatglm
 	.venv-chatglm/bin/python -m pip install -r requirements-chatglm.txt
 	touch $@
+
+# A third environment for Xeon servers: torch 2.8 + intel-extension-for-pytorch 2.8 (see requirements-xeon.txt).
+venv-xeon: .venv-xeon/.installed
+
+.venv-xeon/.installed: requirements-xeon.txt
+	test -x .venv-xeon/bin/python || $(PYTHON) -m venv .venv-xeon
+	.venv-xeon/bin/python -m pip install -r requirements-xeon.txt
+	touch $@
+
+# The IPEX engine and the shared runtime tests on glm4-tiny, in the Xeon environment.
+test-xeon: venv-xeon
+	.venv-xeon/bin/python -m pytest -q tests/test_ipex.py tests/test_runtime.py --backend ipex
 
 train-tiny: setup
 	$(PY) -m models.train_tiny --output models/glm4-tiny

@@ -2,10 +2,10 @@
 
 Profiles (see docs/benchmarks.md for the measurements behind them):
 
-* ``cpu``: INT4 symmetric, channel-wise, ratio 1.0. Decode on a CPU is bound by memory
-  bandwidth and channel-wise symmetric INT4 reads the fewest bytes with the simplest kernel;
-  on the 4-layer GLM-4-9B-shaped model it decoded at 13.5 tok/s against 7.3 tok/s for INT4 asym
-  group 128 ratio 0.8 on the same 2 cores, within the accuracy bar on glm4-tiny.
+* ``cpu``: INT4 symmetric, channel-wise, ratio 1.0. Channel-wise symmetric INT4 reads the fewest
+  bytes with the cheapest unpacking; on the 4-layer GLM-4-9B-shaped model it decoded at
+  10.1-10.8 tok/s against 8.6-9.2 for INT4 asym group 128 ratio 0.8 and 6.2-7.8 for INT8 in one
+  run on 2 vCPUs, and it keeps glm4-tiny's FP32 exact-match score.
 * ``gpu``: INT4 symmetric, group 128, ratio 1.0 (grouped scales keep accuracy; the iGPU kernels
   are tuned for group 128).
 * ``npu``: INT4 symmetric, channel-wise, ratio 1.0, as the NPU plugin requires (group 128 is

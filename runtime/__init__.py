@@ -16,15 +16,27 @@ from runtime.engine import (ChatSession, DeviceError, Engine, EngineError, Gener
                             PromptTooLongError, ReplyStats)
 from runtime.tools import ToolCallRecord, ToolLoopResult, ToolStepsExceeded, run_tool_loop
 
-__all__ = ["ChatSession", "DeviceError", "Engine", "EngineError", "GenerationOptions", "ModelLoadError",
+__all__ = ["BACKENDS", "ChatSession", "DeviceError", "Engine", "EngineError", "GenerationOptions", "ModelLoadError",
            "PromptTooLongError", "ReplyStats", "ToolCallRecord", "ToolLoopResult", "ToolStepsExceeded", "load",
            "run_tool_loop"]
 
 
+BACKENDS = ("openvino", "ipex")
+
+
 def load(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", **options: Any) -> Engine:
-    """Load a converted model folder on ``device`` and return its engine."""
+    """Load a model on ``device`` and return its engine.
+
+    ``openvino``: a folder written by ``python -m convert``. ``ipex``: a Hugging Face checkpoint
+    folder, run by intel-extension-for-pytorch on the CPU (options: dtype, quantize, threads,
+    trust_remote_code); it needs the Xeon environment (``make venv-xeon``).
+    """
+    if backend == "ipex":
+        from runtime.ipex_engine import IPEXEngine
+
+        return IPEXEngine(model_dir, device, **options)
     if backend != "openvino":
-        raise EngineError(f"unknown backend {backend!r}; available: openvino")
+        raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     from runtime.openvino_engine import OpenVINOEngine
 
     return OpenVINOEngine(model_dir, device, **options)

@@ -1,20 +1,24 @@
 """Benchmark converted GLM-4 models: load time, first token, decode speed, memory, roofline.
 
     python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --new-tokens 128
+    python -m runtime.bench --model build/shape-int8 transformers:build/glm4-shape-4l ipex:build/glm4-shape-4l
 
-Each model folder is measured in a child process of its own, so its peak RSS and its cold load
-are its own. Decode speed is set against the machine's memory bandwidth, measured in the same
-run: at batch 1 every generated token reads all weights once (the embedding table aside), so
-bandwidth / weight bytes is the ceiling no CPU recipe can pass.
+A folder may name its backend (``openvino:``, ``transformers:``, ``ipex:``, ``ipex-fp32:``,
+``ipex-bf16:``); ``--backend`` is the default. Each model folder is measured in a child process of
+its own, so its peak RSS and its cold load are its own; IPEX children run under the Xeon
+environment's Python (``--ipex-python``, default .venv-xeon/bin/python). Decode speed is set
+against the machine's memory bandwidth, measured in the same run: at batch 1 every generated
+token reads all weights once (the embedding table aside), so bandwidth / weight bytes is the
+ceiling no CPU recipe can pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +28,10 @@ from typing import Any
 
 from runtime.chat_format import encode_prompt, prompt_parts
 
-FIELDS = ("model", "backend", "device", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("openvino", "transformers", "ipex", "ipex-fp32", "ipex-bf16")
+
+FIELDS = ("model", "backend", "device", "cpu", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
           "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
           "weight_bytes_per_token", "bandwidth_bytes_per_s", "decode_ceiling_tokens_per_s", "ceiling_fraction")
 
@@ -45,6 +52,23 @@ def memory_bandwidth(size_mb: int = 512, repeats: int = 5, threads: int = 2) -> 
             worker.join()
         best = max(best, 2 * size_mb * 2**20 / (time.perf_counter() - start))
     return best
+
+
+def cpu_description() -> str:
+    """The CPU's name and the instruction-set extensions that decide CPU speed (AVX2, AVX-512, AMX)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+    return f"{name} ({' '.join(f for f in wanted if f in flags) or 'ISA unknown'})"
 
 
 def weight_bytes_per_token(model_xml: Path) -> int:
@@ -71,22 +95,36 @@ def weight_bytes_per_token(model_xml: Path) -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes."""
+    """Peak resident memory of this process so far, in bytes.
+
+    Linux: VmHWM, the peak of this program alone (getrusage's ru_maxrss carries the parent's
+    peak over into a child started with vfork and exec, as subprocess does).
+    """
     if sys.platform == "win32":
         import psutil
 
         return psutil.Process().memory_info().peak_wset
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def prompt_of_length(engine: Any, length: int) -> list[int]:
-    """A GLM-4 user prompt of exactly ``length`` tokens."""
+def prompt_of_length(engine: Any, length: int, variant: int = 0) -> list[int]:
+    """A GLM-4 user prompt of exactly ``length`` tokens; each ``variant`` differs from its first token.
+
+    openvino-genai reuses the KV cache of a repeated prompt prefix across calls, so a benchmark
+    that sent the same prompt twice would time a cache hit, not a prefill.
+    """
     frame = encode_prompt(prompt_parts([{"role": "user", "content": "x"}]), engine.encode, engine.token_id)
     filler = engine.encode("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * (length // 8 + 8))
-    return frame[:3] + filler[: length - 4] + frame[-1:]  # [gMASK] <sop> <|user|> ... <|assistant|>
+    body = filler[variant % 7:] + filler  # a different first token for each of 7 variants
+    return frame[:3] + body[: length - 4] + frame[-1:]  # [gMASK] <sop> <|user|> ... <|assistant|>
 
 
 def measure_openvino(folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
@@ -106,9 +144,9 @@ def measure_openvino(folder: str, device: str, threads: int, lengths: list[int],
         config.max_new_tokens, config.min_new_tokens, config.ignore_eos, config.do_sample = new_tokens, new_tokens, True, False
         rows = []
         for length in lengths:
-            ids = prompt_of_length(engine, length)
             ttfts, tpots = [], []
             for run in range(runs + 1):  # the first run warms up
+                ids = prompt_of_length(engine, length, variant=run)
                 metrics = engine.pipeline.generate(tensor(ids), config).perf_metrics
                 if run:
                     ttfts.append(metrics.get_ttft().mean / 1000)
@@ -137,7 +175,26 @@ def measure_transformers(folder: str, threads: int, lengths: list[int], new_toke
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     load = time.perf_counter() - start
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return time_torch_model(model, AutoTokenizer.from_pretrained(folder), load, lengths, new_tokens, runs)
+
+
+def measure_ipex(folder: str, dtype: str, threads: int, lengths: list[int], new_tokens: int,
+                 runs: int) -> list[dict[str, Any]]:
+    """The IPEX engine's model (``ipex.llm.optimize``), timed like plain transformers (in a child process)."""
+    from runtime.ipex_engine import IPEXEngine
+
+    start = time.perf_counter()
+    engine = IPEXEngine(folder, dtype=dtype, threads=threads)
+    load = time.perf_counter() - start
+    rows = time_torch_model(engine.model, engine.tokenizer, load, lengths, new_tokens, runs)
+    return [dict(row, backend=f"ipex-{engine.dtype}") for row in rows]
+
+
+def time_torch_model(model: Any, tokenizer: Any, load_s: float, lengths: list[int], new_tokens: int,
+                     runs: int) -> list[dict[str, Any]]:
+    """Prefill and greedy decode with the KV cache, step by step, for each prompt length."""
+    import torch
+
     text = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。"
     rows = []
     for length in lengths:
@@ -158,41 +215,79 @@ def measure_transformers(folder: str, threads: int, lengths: list[int], new_toke
                     tpots.append((time.perf_counter() - start) / max(new_tokens - 1, 1))
         rows.append({"prompt_tokens": length, "ttft_s": statistics.median(ttfts), "tpot_s": statistics.median(tpots)})
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    return [dict(row, load_cold_s=load, load_warm_s=None, weight_bytes_per_token=weights) for row in rows]
+    return [dict(row, load_cold_s=load_s, load_warm_s=None, weight_bytes_per_token=weights) for row in rows]
 
 
-def child(queue: Any, backend: str, folder: str, device: str, threads: int, lengths: list[int],
-          new_tokens: int, runs: int) -> None:
+def measure(backend: str, folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
+            runs: int) -> list[dict[str, Any]]:
+    """All measurements of one model folder with one backend (inside the child process)."""
+    if backend == "transformers":
+        return measure_transformers(folder, threads, lengths, new_tokens, runs)
+    if backend.startswith("ipex"):
+        return measure_ipex(folder, backend.partition("-")[2] or "auto", threads, lengths, new_tokens, runs)
+    return measure_openvino(folder, device, threads, lengths, new_tokens, runs)
+
+
+def child_main() -> None:
+    """The child process: measure() arguments as JSON on stdin; rows, peak RSS or the error as JSON in a file."""
+    request = json.loads(sys.stdin.read())
     try:
-        if backend == "transformers":
-            rows = measure_transformers(folder, threads, lengths, new_tokens, runs)
-        else:
-            rows = measure_openvino(folder, device, threads, lengths, new_tokens, runs)
-        queue.put(("ok", rows, peak_rss()))
+        result: dict[str, Any] = {"rows": measure(**request["measure"]), "peak_rss": peak_rss()}
     except Exception as error:  # reported by the parent in one line
-        queue.put(("error", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", 0))
+        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    Path(request["output"]).write_text(json.dumps(result), encoding="utf-8")
+
+
+def run_child(python: str, arguments: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Run measure(**arguments) under ``python`` in a fresh process; returns its rows and peak RSS."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "result.json"
+        request = json.dumps({"measure": arguments, "output": str(output)})
+        try:
+            process = subprocess.run([python, "-c", "from runtime.bench import child_main; child_main()"], cwd=ROOT,
+                                     input=request, text=True, encoding="utf-8", stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, check=False)
+        except OSError as error:
+            raise RuntimeError(f"cannot run {python} ({error.strerror}); for ipex models run make venv-xeon or pass "
+                               "--ipex-python") from None
+        if not output.is_file():
+            lines = [line for line in process.stderr.splitlines() if line.strip()]
+            lines = lines or [f"exit code {process.returncode}"]
+            raise RuntimeError(f"{arguments['folder']}: the child process under {python} failed: {lines[-1].strip()}")
+        result = json.loads(output.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise RuntimeError(f"{arguments['folder']}: {result['error']}")
+    return result["rows"], result["peak_rss"]
+
+
+def split_model(spec: str, default_backend: str) -> tuple[str, str]:
+    """``BACKEND:FOLDER`` or a plain folder (measured with ``default_backend``)."""
+    backend, colon, folder = spec.partition(":")
+    return (backend, folder) if colon and backend in BACKENDS else (default_backend, spec)
+
+
+def default_ipex_python() -> str:
+    """The Xeon environment's interpreter (make venv-xeon)."""
+    return str(ROOT / ".venv-xeon" / "bin" / "python")
 
 
 def bench(models: list[str], backend: str = "openvino", device: str = "CPU", threads: int | None = None,
-          lengths: tuple[int, ...] = (32, 256, 1024), new_tokens: int = 128, runs: int = 3) -> list[dict[str, Any]]:
-    """Measure every model folder; returns one row per (model, prompt length)."""
+          lengths: tuple[int, ...] = (32, 256, 1024), new_tokens: int = 128, runs: int = 3,
+          ipex_python: str | None = None) -> list[dict[str, Any]]:
+    """Measure every model folder (``BACKEND:FOLDER`` picks its backend); one row per (model, prompt length)."""
     threads = threads or os.cpu_count() or 1
     bandwidth = memory_bandwidth(threads=threads)
-    context = multiprocessing.get_context("spawn")
     results = []
-    for folder in models:
-        queue = context.Queue()
-        process = context.Process(target=child, args=(queue, backend, folder, device, threads, list(lengths),
-                                                      new_tokens, runs))
-        process.start()
-        status, rows, rss = queue.get()
-        process.join()
-        if status != "ok":
-            raise RuntimeError(f"{folder}: {rows}")
+    for spec in models:
+        model_backend, folder = split_model(spec, backend)
+        python = (ipex_python or default_ipex_python()) if model_backend.startswith("ipex") else sys.executable
+        rows, rss = run_child(python, {"backend": model_backend, "folder": folder, "device": device, "threads": threads,
+                                       "lengths": list(lengths), "new_tokens": new_tokens, "runs": runs})
         for row in rows:
             decode = 1.0 / row["tpot_s"] if row["tpot_s"] else 0.0
             ceiling = bandwidth / row["weight_bytes_per_token"]
-            results.append({"model": Path(folder).name, "backend": backend, "device": device, "threads": threads,
+            results.append({"model": Path(folder).name, "backend": model_backend, "device": device,
+                            "cpu": cpu_description(), "threads": threads,
                             "new_tokens": new_tokens, "peak_rss_bytes": rss, "bandwidth_bytes_per_s": bandwidth,
                             "prefill_tokens_per_s": row["prompt_tokens"] / row["ttft_s"],
                             "decode_tokens_per_s": decode, "decode_ceiling_tokens_per_s": ceiling,
@@ -239,9 +334,12 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", required=True, help="converted folders (or HF checkpoints with "
-                        "--backend transformers)")
-    parser.add_argument("--backend", choices=("openvino", "transformers"), default="openvino")
+    parser.add_argument("--model", nargs="+", required=True, help="[BACKEND:]FOLDER ...: converted folders (openvino), "
+                        "HF checkpoints (transformers, ipex, ipex-fp32, ipex-bf16)")
+    parser.add_argument("--backend", choices=BACKENDS, default="openvino",
+                        help="backend of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16)")
+    parser.add_argument("--ipex-python", help="Python of the Xeon environment for ipex models "
+                        "(default .venv-xeon/bin/python)")
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--prompt-lengths", default="32,256,1024", help="comma-separated prompt lengths in tokens")
@@ -261,16 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("error: --prompt-lengths must be integers >= 4, --new-tokens >= 2, --runs >= 1", file=sys.stderr)
         return 2
-    missing = [m for m in args.model if not Path(m).is_dir()]
+    missing = [m for m in args.model if not Path(split_model(m, args.backend)[1]).is_dir()]
     if missing:
         print(f"error: no such model folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        rows = bench(args.model, args.backend, args.device, args.threads, lengths, args.new_tokens, args.runs)
+        rows = bench(args.model, args.backend, args.device, args.threads, lengths, args.new_tokens, args.runs,
+                     args.ipex_python)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"memory bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (copy, {rows[0]['threads']} threads)")
+    print(f"{rows[0]['cpu']}; memory bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+          f"(copy, {rows[0]['threads']} threads)")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """Chat with a converted GLM-4 model in the terminal.
 
     python -m runtime.chat --model build/glm4-tiny-int4 [--device CPU] [--system TEXT] [--tools FILE.json]
+    .venv-xeon/bin/python -m runtime.chat --model models/glm4-tiny --backend ipex [--dtype bf16] [--quantize int8]
 
 Interactive: replies stream as they are generated; /reset, /system TEXT, /stats, /quit.
 Piped (stdin not a terminal): one message per input line, one reply per output line (newlines
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 import runtime
 from runtime.engine import ChatSession, EngineError, GenerationOptions
@@ -24,8 +25,20 @@ HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.chat", description="Chat with a converted GLM-4 model.")
-    parser.add_argument("--model", required=True, help="folder written by python -m convert")
+    parser.add_argument("--model", required=True, help="folder written by python -m convert (--backend ipex: the "
+                        "Hugging Face checkpoint folder)")
+    parser.add_argument("--backend", choices=runtime.BACKENDS, default="openvino",
+                        help="openvino (default), or ipex: PyTorch with intel-extension-for-pytorch on a Xeon, in the "
+                        "environment make venv-xeon creates")
     parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
+    parser.add_argument("--threads", type=int, help="CPU inference threads (default: the library's choice)")
+    ipex = parser.add_argument_group("--backend ipex only")
+    ipex.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
+                      help="auto (default): bf16 where the CPU has AVX-512 BF16 or AMX, else fp32")
+    ipex.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization, where IPEX supports "
+                      "the architecture (otherwise it says so and runs unquantized)")
+    ipex.add_argument("--trust-remote-code", action="store_true",
+                      help="run the checkpoint's own Python code (the original glm-4-9b-chat needs it)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--tools", help="JSON file with a list of OpenAI-style function tools")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -36,6 +49,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stats", action="store_true", help="print statistics after every reply")
     return parser
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of runtime.load for the chosen backend."""
+    options: dict[str, Any] = {"threads": args.threads} if args.threads else {}
+    ipex_only = {"dtype": args.dtype, "quantize": args.quantize, "trust_remote_code": args.trust_remote_code}
+    if args.backend == "ipex":
+        return {**options, **ipex_only, "dtype": args.dtype or "auto"}
+    given = [f"--{name.replace('_', '-')}" for name, value in ipex_only.items() if value]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to --backend ipex only")
+    return options
 
 
 def read_tools(path: str) -> list[dict]:
@@ -147,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options.validate()
         tools = read_tools(args.tools) if args.tools else None
-        engine = runtime.load(args.model, args.device)
+        engine = runtime.load(args.model, args.device, args.backend, **engine_options(args))
     except (EngineError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2
+    for note in getattr(engine, "notes", []):
+        print(f"note: {note}", file=sys.stderr)
     session = ChatSession(engine, system=args.system, tools=tools, options=options)
     piped = not sys.stdin.isatty()
     if not piped:

@@ -42,6 +42,8 @@ class GenerationOptions:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # An openvino_genai.StructuredOutputConfig (JSON schema, grammar, structural tags) or None.
+    structured_output: Any = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

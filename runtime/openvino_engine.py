@@ -116,6 +116,38 @@ def context_length(folder: Path) -> int:
     return int(config.get("max_position_embeddings") or config.get("seq_length") or 8192)
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """Ids of GLM-4's special tokens in an openvino_genai.Tokenizer."""
+    vocab = tokenizer.get_vocab()  # keys are bytes in some releases, str in others
+    return {token: int(vocab[key]) for token in SPECIAL_TOKENS for key in (token, token.encode()) if key in vocab}
+
+
+def lookup_special(ids: dict[str, int], token: str) -> int:
+    if token not in ids:
+        raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model")
+    return ids[token]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of ordinary text, with no special tokens added (callers keep control tokens out of it)."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+
+
+def apply_options(config: Any, options: GenerationOptions) -> Any:
+    """Set ``options`` on an openvino_genai.GenerationConfig and return it."""
+    config.max_new_tokens = options.max_new_tokens
+    config.do_sample = options.temperature > 0
+    if config.do_sample:
+        config.temperature, config.top_p = options.temperature, options.top_p
+        config.top_k = options.top_k or 0
+        if options.seed is not None:
+            config.rng_seed = options.seed
+    config.repetition_penalty = options.repetition_penalty
+    if options.structured_output is not None:
+        config.structured_output_config = options.structured_output
+    return config
+
+
 class OpenVINOEngine:
     """openvino-genai LLMPipeline behind the :class:`runtime.engine.Engine` protocol."""
 
@@ -142,30 +174,17 @@ class OpenVINOEngine:
         # NPU compiles for MAX_PROMPT_LEN; elsewhere keep MIN_RESPONSE_LEN of the context for the reply.
         self.max_prompt_tokens = (max_prompt_len if device.startswith("NPU")
                                   else max(context_length(folder) - min_response_len, 1))
-        vocab = self.tokenizer.get_vocab()  # keys are bytes in some releases, str in others
-        self._special_ids = {token: int(vocab[key]) for token in SPECIAL_TOKENS
-                             for key in (token, token.encode()) if key in vocab}
+        self._special_ids = special_token_ids(self.tokenizer)
         self._stops = set(self.pipeline.get_generation_config().stop_token_ids)
 
     def encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+        return encode_text(self.tokenizer, text)
 
     def token_id(self, token: str) -> int:
-        if token not in self._special_ids:
-            raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model")
-        return self._special_ids[token]
+        return lookup_special(self._special_ids, token)
 
     def generation_config(self, options: GenerationOptions) -> Any:
-        config = self.pipeline.get_generation_config()
-        config.max_new_tokens = options.max_new_tokens
-        config.do_sample = options.temperature > 0
-        if config.do_sample:
-            config.temperature, config.top_p = options.temperature, options.top_p
-            config.top_k = options.top_k or 0
-            if options.seed is not None:
-                config.rng_seed = options.seed
-        config.repetition_penalty = options.repetition_penalty
-        return config
+        return apply_options(self.pipeline.get_generation_config(), options)
 
     def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
                  on_text: Callable[[str], bool]) -> Generation:

@@ -1,7 +1,14 @@
-"""Shared fixtures: the bundled model, and glm4-tiny converted once per test session."""
+"""Shared fixtures: the bundled model, and glm4-tiny converted once per test session.
+
+``--backend ipex`` runs the shared runtime tests (test_runtime.py) on the IPEX engine instead of
+OpenVINO; in an environment without OpenVINO (.venv-xeon) only the tests that do not need it are
+collected.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +17,38 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "glm4-tiny"
+WITHOUT_OPENVINO = ("test_ipex.py", "test_chat_format.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--backend", choices=("openvino", "ipex"), default="openvino",
+                     help="engine of the shared runtime tests: openvino (glm4-tiny converted to INT8 and INT4) or "
+                     "ipex (glm4-tiny's checkpoint with intel-extension-for-pytorch; run in .venv-xeon)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without OpenVINO, collect only test files that do not need it (test_runtime.py with --backend ipex)."""
+    if not collection_path.name.startswith("test_") or importlib.util.find_spec("openvino") is not None:
+        return None
+    runs_here = WITHOUT_OPENVINO + (("test_runtime.py",) if config.getoption("backend") == "ipex" else ())
+    return True if collection_path.name not in runs_here else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, grace: float = 15) -> None:
+    """Terminate a server subprocess, killing it if it does not exit within ``grace`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_module(*args: str, stdin: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from models.evaluate import load_eval
-from tests.conftest import ROOT, TINY, run_module
+from tests.conftest import ROOT, TINY, free_port, run_module, stop_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -34,12 +33,6 @@ pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's c
 def eval_question(kind: str) -> tuple[str, str]:
     item = next(i for i in load_eval(TINY / "eval.jsonl") if i["kind"] == kind)
     return item["messages"][0]["content"], item["expected"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +52,7 @@ def server(tiny_int4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         assert match.group(1).startswith("http://127.0.0.1:")  # binds this machine only by default
         yield match.group(1)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     assert "Traceback" not in stderr.read_text(encoding="utf-8"), stderr.read_text(encoding="utf-8")[-3000:]
 
 

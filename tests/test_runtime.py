@@ -1,5 +1,9 @@
 """The runtime on glm4-tiny converted to INT8 and INT4: the eval suite through ChatSession, streaming,
-cancel, and the tool loop with Python functions, all on openvino-genai (CPU)."""
+cancel, and the tool loop with Python functions, all on openvino-genai (CPU).
+
+With ``--backend ipex`` (in .venv-xeon) the same tests run on the IPEX engine over glm4-tiny's
+checkpoint, in fp32 and, where the CPU computes it natively, bf16.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ import runtime
 from models.evaluate import load_eval
 from runtime.chat_format import Reply
 from runtime.engine import ChatSession, Engine, GenerationOptions, conversation_ids
+from runtime.ipex_engine import cpu_flags, pick_dtype
 from tests.conftest import TINY
 
 ITEMS = load_eval(TINY / "eval.jsonl")
-ALLOWED_DROP = {"int8": 0.005, "int4": 0.02}  # accuracy points below FP32 transformers
+ALLOWED_DROP = {"int8": 0.005, "int4": 0.02,  # accuracy points below FP32 transformers
+                "ipex-fp32": 0.0, "ipex-bf16": 0.02}
 LOOPING_PROMPT = "首都首都首都首都首都"  # glm4-tiny answers this with a 200-token loop at least
 
 
@@ -54,13 +60,20 @@ def run_item(engine: Engine, item: dict[str, Any]) -> Turn:
     return Turn(item, chunks, session.last, session.last_stats.finish_reason, session.last_stats.prompt_tokens, ids)
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
-def precision(request: pytest.FixtureRequest) -> str:
-    return request.param
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that takes ``precision`` runs once per engine of the chosen --backend."""
+    if "precision" in metafunc.fixturenames:
+        if metafunc.config.getoption("backend") == "ipex":
+            precisions = ["ipex-fp32"] + (["ipex-bf16"] if pick_dtype("auto", cpu_flags()) == "bf16" else [])
+        else:
+            precisions = ["int8", "int4"]
+        metafunc.parametrize("precision", precisions, scope="module")
 
 
 @pytest.fixture(scope="module")
 def engine(request: pytest.FixtureRequest, precision: str) -> Engine:
+    if precision.startswith("ipex-"):
+        return runtime.load(TINY, "CPU", backend="ipex", dtype=precision.removeprefix("ipex-"))
     return runtime.load(request.getfixturevalue(f"tiny_{precision}"), "CPU", cache_dir=None)
 
 
