@@ -57,22 +57,24 @@ def run_module(*args: str, stdin: str | None = None, timeout: float = 600) -> su
                           text=True, timeout=timeout, encoding="utf-8")
 
 
+def convert_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str) -> Path:
+    """glm4-tiny converted by ``python -m convert`` with ``flags`` into a fresh folder."""
+    output = tmp_path_factory.mktemp("ir") / name
+    result = run_module("convert", "--model", str(TINY), "--output", str(output), *flags, "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output
+
+
 @pytest.fixture(scope="session")
 def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """glm4-tiny converted with the CPU profile (INT4 sym channel-wise)."""
-    output = tmp_path_factory.mktemp("ir") / "glm4-tiny-int4"
-    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--profile", "cpu", "--quiet")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return output
+    return convert_tiny(tmp_path_factory, "glm4-tiny-int4", "--profile", "cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """glm4-tiny converted to INT8."""
-    output = tmp_path_factory.mktemp("ir") / "glm4-tiny-int8"
-    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--weight-format", "int8", "--quiet")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return output
+    return convert_tiny(tmp_path_factory, "glm4-tiny-int8", "--weight-format", "int8")
 
 
 @pytest.fixture(scope="session")
