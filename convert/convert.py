@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from convert.atomic import OutputError, check_output, staged_output
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
+from convert.ovms import write_graph
 from convert.recipes import PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, make_recipe, quantization_config
 from convert.source import Source, SourceError, resolve
 from convert.tokenizer_ir import TokenizerError, save_tokenizer_ir, template_mismatches
@@ -104,7 +105,7 @@ def write_generation_config(output: Path, tokenizer: Any) -> None:
 def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
             overwrite: bool = False, verify: bool = True, quiet: bool = False,
             on_stage: Callable[[str], None] | None = None,
-            interrupted: threading.Event | None = None) -> dict[str, Any]:
+            interrupted: threading.Event | None = None, ovms_device: str | None = None) -> dict[str, Any]:
     """Convert ``model`` into ``output`` atomically and return the manifest."""
     from transformers import AutoTokenizer
 
@@ -144,6 +145,8 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
         if verify:
             report("verify")
             checks["verify"] = verify_output(staging, Path(source.path) if source.local else None)
+        if ovms_device:
+            write_graph(staging, ovms_device)
         report("manifest")
         manifest = write_manifest(staging, source, recipe, checks, time.time() - started, memory)
         report(None)  # last chance to abandon the staging folder before it becomes the output
@@ -180,6 +183,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="afterwards, score the result against the source: eval exact match (when the source "
                              "has eval.jsonl), top-1 token agreement and KL divergence")
+    parser.add_argument("--ovms", metavar="DEVICE", choices=("CPU", "GPU", "NPU"),
+                        help="also write graph.pbtxt so OpenVINO Model Server can serve the folder on DEVICE")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the final line")
     return parser
 
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
                                args.verify, args.quiet, on_stage=bar.stage if bar else None,
-                               interrupted=interrupted)
+                               interrupted=interrupted, ovms_device=args.ovms)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -246,3 +246,14 @@ def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
         chunked = compress_rows(weight, symmetric=False, rows_per_chunk=100)
         for key in ("tensor", "scale", "zero_point"):
             assert np.array_equal(whole[key], chunked[key]), key
+
+
+def test_ovms_flag_writes_a_graph_for_the_device(tmp_path) -> None:
+    output = tmp_path / "ovms"
+    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--weight-format", "int8",
+                        "--ovms", "NPU", "--quiet", "--no-verify")
+    assert result.returncode == 0, result.stderr[-2000:]
+    graph = (output / "graph.pbtxt").read_text()
+    assert 'calculator: "HttpLLMCalculator"' in graph and 'device: "NPU"' in graph and 'models_path: "./"' in graph
+    assert graph.count("{") == graph.count("}")
+    assert "graph.pbtxt" in json.loads((output / "manifest.json").read_text())["files"]
