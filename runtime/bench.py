@@ -3,8 +3,8 @@
     python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --new-tokens 128
     python -m runtime.bench --model build/shape-int8 transformers:build/glm4-shape-4l ipex:build/glm4-shape-4l
 
-A folder may name its backend (``openvino:``, ``transformers:``, ``ipex:``, ``ipex-fp32:``,
-``ipex-bf16:``); ``--backend`` is the default. Each model folder is measured in a child process of
+A folder may name its backend (``openvino:``, ``transformers:``, ``transformers-bf16:``, ``ipex:``,
+``ipex-fp32:``, ``ipex-bf16:``); ``--backend`` is the default. Each model folder is measured in a child process of
 its own, so its peak RSS and its cold load are its own; IPEX children run under the Xeon
 environment's Python (``--ipex-python``, default .venv-xeon/bin/python). Decode speed is set
 against the machine's memory bandwidth, measured in the same run: at batch 1 every generated
@@ -29,7 +29,7 @@ from typing import Any
 from runtime.chat_format import encode_prompt, prompt_parts
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ("openvino", "transformers", "ipex", "ipex-fp32", "ipex-bf16")
+BACKENDS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16")
 
 FIELDS = ("model", "backend", "device", "cpu", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
           "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
@@ -165,15 +165,15 @@ def tensor(ids: list[int]) -> Any:
     return ov.Tensor(np.array([ids], dtype=np.int64))
 
 
-def measure_transformers(folder: str, threads: int, lengths: list[int], new_tokens: int,
-                         runs: int) -> list[dict[str, Any]]:
-    """Plain transformers FP32 on CPU, for comparison (run inside a child process)."""
+def measure_transformers(folder: str, threads: int, lengths: list[int], new_tokens: int, runs: int,
+                         bf16: bool = False) -> list[dict[str, Any]]:
+    """Plain transformers on CPU, FP32 (or bf16), for comparison (run inside a child process)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     load = time.perf_counter() - start
     return time_torch_model(model, AutoTokenizer.from_pretrained(folder), load, lengths, new_tokens, runs)
 
@@ -221,8 +221,8 @@ def time_torch_model(model: Any, tokenizer: Any, load_s: float, lengths: list[in
 def measure(backend: str, folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
             runs: int) -> list[dict[str, Any]]:
     """All measurements of one model folder with one backend (inside the child process)."""
-    if backend == "transformers":
-        return measure_transformers(folder, threads, lengths, new_tokens, runs)
+    if backend.startswith("transformers"):
+        return measure_transformers(folder, threads, lengths, new_tokens, runs, bf16=backend.endswith("bf16"))
     if backend.startswith("ipex"):
         return measure_ipex(folder, backend.partition("-")[2] or "auto", threads, lengths, new_tokens, runs)
     return measure_openvino(folder, device, threads, lengths, new_tokens, runs)
@@ -335,7 +335,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", required=True, help="[BACKEND:]FOLDER ...: converted folders (openvino), "
-                        "HF checkpoints (transformers, ipex, ipex-fp32, ipex-bf16)")
+                        "HF checkpoints (transformers, transformers-bf16, ipex, ipex-fp32, ipex-bf16)")
     parser.add_argument("--backend", choices=BACKENDS, default="openvino",
                         help="backend of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16)")
     parser.add_argument("--ipex-python", help="Python of the Xeon environment for ipex models "
