@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 DEMO_MODEL := build/glm4-tiny-int4
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: demo demo-chat demo-ui test test-xeon setup browser convert-demo train-tiny venv-chatglm venv-xeon clean
+# CPU-only torch (Linux): make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyPI's Linux torch is the CUDA build).
+TORCH_INDEX ?=
+PIP_INSTALL = -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+# What an AVX2-only CPU (no AVX-512, VNNI or AMX) runs, imitated on a newer one: OpenVINO's ISA checks (which also
+# pick f32 instead of bf16 inference), oneDNN's kernels, PyTorch's and MKL's kernel dispatch.
+AVX2_ONLY = OV_CPU_MAX_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
+.PHONY: demo demo-chat demo-ui test test-avx2 test-xeon setup browser convert-demo train-tiny venv-chatglm venv-xeon \
+	venv-runtime clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +21,7 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 is required" if sys.version_info[:2] != (3, 11) else 0)'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) $(PIP_INSTALL) -r requirements.txt
 	touch $@
 
 convert-demo: setup
@@ -31,9 +39,14 @@ demo-chat: convert-demo
 demo-ui: convert-demo
 	$(PY) -m demos.gradio_chat --model $(DEMO_MODEL)
 
-test: setup browser venv-xeon
+test: setup browser venv-xeon venv-runtime
 	$(PY) -m pytest -q tests
 	$(MAKE) test-xeon
+
+# The whole suite as an AVX2-only machine runs it (see AVX2_ONLY), for a check on a newer CPU.
+test-avx2: setup browser venv-xeon venv-runtime
+	$(AVX2_ONLY) $(PY) -m pytest -q tests
+	$(AVX2_ONLY) $(MAKE) test-xeon
 
 # Debian's Chromium (and a CJK font) for the browser tests; Playwright drives it and never downloads one.
 browser:
@@ -55,7 +68,15 @@ venv-xeon: .venv-xeon/.installed
 
 .venv-xeon/.installed: requirements-xeon.txt
 	test -x .venv-xeon/bin/python || $(PYTHON) -m venv .venv-xeon
-	.venv-xeon/bin/python -m pip install -r requirements-xeon.txt
+	.venv-xeon/bin/python $(PIP_INSTALL) -r requirements-xeon.txt
+	touch $@
+
+# Chat, serve or demo an already converted model without torch, transformers, optimum or NNCF (about 0.7 GB).
+venv-runtime: .venv-runtime/.installed
+
+.venv-runtime/.installed: requirements-runtime.txt
+	test -x .venv-runtime/bin/python || $(PYTHON) -m venv .venv-runtime
+	.venv-runtime/bin/python -m pip install -r requirements-runtime.txt
 	touch $@
 
 # The IPEX engine and the shared runtime tests on glm4-tiny, in the Xeon environment.

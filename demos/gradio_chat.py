@@ -148,8 +148,8 @@ class ChatApp:
         return "", history + [{"role": "user", "content": message}], GENERATING, message
 
     def respond(self, message: str | None, history: list[dict[str, Any]], system: str, tools_on: bool,
-                max_new_tokens: float, temperature: float, top_p: float, top_k: float, repetition_penalty: float,
-                request: gr.Request) -> Iterator[tuple[Any, Any]]:
+                max_new_tokens: float, ignore_eos: bool, temperature: float, top_p: float, top_k: float,
+                repetition_penalty: float, request: gr.Request) -> Iterator[tuple[Any, Any]]:
         """Stream the reply to an accepted message; errors end up in the status line, never as a trace."""
         if message is None:
             yield gr.skip(), gr.skip()
@@ -162,7 +162,8 @@ class ChatApp:
                 session.system = system.strip() or None
                 session.tools = DEMO_TOOLS if tools_on else None
                 session.options = GenerationOptions(int(max_new_tokens), float(temperature), float(top_p),
-                                                    int(top_k), float(repetition_penalty))
+                                                    int(top_k), float(repetition_penalty),
+                                                    ignore_eos=bool(ignore_eos))
                 calls = yield from self._converse(tab, session, message, history)
                 status = stats_line(session.last_stats, calls)
         except (EngineError, ValueError) as error:
@@ -262,6 +263,7 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
                 with gr.Accordion("Sampling", open=True):
                     max_new = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=512, step=1, label="Max new tokens",
                                         elem_id="max-new-tokens")
+                    ignore_eos = gr.Checkbox(label="Run to max new tokens (ignore end of reply)", elem_id="ignore-eos")
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)",
                                             visible=sampling, elem_id="temperature")
                     top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", visible=sampling, elem_id="top-p")
@@ -272,7 +274,7 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
                     if not sampling:
                         gr.Markdown(f"{engine.device} decodes greedily: the sampling controls are hidden.")
         pending = gr.State(None)
-        settings = [system, tools_on, max_new, temperature, top_p, top_k, repetition]
+        settings = [system, tools_on, max_new, ignore_eos, temperature, top_p, top_k, repetition]
         for trigger in (message.submit, send.click):
             trigger(app.accept, [message, chatbot], [message, chatbot, status, pending], concurrency_limit=None,
                     show_progress="hidden") \

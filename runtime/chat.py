@@ -41,7 +41,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                       help="run the checkpoint's own Python code (the original glm-4-9b-chat needs it)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--tools", help="JSON file with a list of OpenAI-style function tools")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="shortest reply: the stop tokens cannot be chosen before it (default 0)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="generate exactly --max-new-tokens, passing over the stop tokens (for measurements)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -168,7 +172,8 @@ def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_sta
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                args.repetition_penalty, args.seed)
+                                args.repetition_penalty, args.seed, min_new_tokens=args.min_new_tokens,
+                                ignore_eos=args.ignore_eos)
     try:
         options.validate()
         tools = read_tools(args.tools) if args.tools else None

@@ -34,7 +34,12 @@ class PromptTooLongError(EngineError):
 
 @dataclass
 class GenerationOptions:
-    """Sampling settings for one reply; temperature 0 means greedy."""
+    """Sampling settings for one reply; temperature 0 means greedy.
+
+    ``min_new_tokens`` keeps the stop tokens from being chosen before that many tokens;
+    ``ignore_eos`` generates exactly ``max_new_tokens`` (stop tokens are generated and passed over),
+    for benchmarks and for tests that need a long reply whatever the model would say.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -42,12 +47,17 @@ class GenerationOptions:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
     # An openvino_genai.StructuredOutputConfig (JSON schema, grammar, structural tags) or None.
     structured_output: Any = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be from 0 to max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0 are required")
 

@@ -267,9 +267,11 @@ class IPEXEngine:
 
         settings: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p,
                                     "top_k": options.top_k} if options.temperature > 0 else {}
-        return GenerationConfig(max_new_tokens=max(min(options.max_new_tokens, self.context - prompt_tokens), 1),
+        limit = max(min(options.max_new_tokens, self.context - prompt_tokens), 1)
+        return GenerationConfig(max_new_tokens=limit, min_new_tokens=0 if options.ignore_eos else min(options.min_new_tokens, limit),
                                 do_sample=options.temperature > 0, repetition_penalty=options.repetition_penalty,
-                                eos_token_id=self._stops, pad_token_id=self._stops[0], **settings)
+                                eos_token_id=None if options.ignore_eos else self._stops, pad_token_id=self._stops[0],
+                                **settings)
 
     def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
                  on_text: Callable[[str], bool]) -> Generation:
@@ -294,7 +296,8 @@ class IPEXEngine:
         end = time.perf_counter()
         tokens = [int(i) for i in output[0, len(prompt_ids):].tolist()]
         first = streamer.first_token_at or end
-        stats = ReplyStats(finish_reason="stop" if tokens and tokens[-1] in self._stops else "length",
+        stopped = bool(tokens) and tokens[-1] in self._stops and not options.ignore_eos
+        stats = ReplyStats(finish_reason="stop" if stopped else "length",
                            prompt_tokens=len(prompt_ids), generated_tokens=len(tokens), ttft_s=first - start,
                            tokens_per_s=(len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else 0.0)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -3,7 +3,8 @@
 ``parse_chat_request`` turns a request body into a :class:`ChatRequest`: GLM-4 messages (role
 ``tool`` becomes ``observation``; an assistant turn's ``tool_calls`` replay as GLM-4 calls, metadata
 = name, content = arguments), the tools to declare, a forced call (``tool_choice`` "required" or a
-named function), sampling options, stop strings and the response format. Every bad value raises
+named function), sampling options (with vLLM's extensions ``min_tokens`` and ``ignore_eos``), stop
+strings and the response format. Every bad value raises
 :class:`ApiError` with the status, message and parameter OpenAI's clients expect.
 """
 
@@ -92,9 +93,14 @@ def parse_chat_request(body: Any, served: str) -> ChatRequest:
             raise ApiError(400, f"{penalty} is not supported by this server (only 0)", penalty)
     request.options = GenerationOptions(temperature=number(body, "temperature", 0.0, 2.0, 0.0),
                                         top_p=number(body, "top_p", 0.0, 1.0, 1.0),
-                                        seed=integer(body, "seed", 0, 2**63 - 1, None))
+                                        seed=integer(body, "seed", 0, 2**63 - 1, None),
+                                        min_new_tokens=integer(body, "min_tokens", 0, None, 0),
+                                        ignore_eos=flag(body, "ignore_eos"))
     if request.options.top_p == 0.0:
         raise ApiError(400, "top_p must be greater than 0", "top_p")
+    if request.max_tokens is not None and request.options.min_new_tokens > request.max_tokens:
+        raise ApiError(400, f"min_tokens ({request.options.min_new_tokens}) cannot exceed {key} "
+                       f"({request.max_tokens})", "min_tokens")
     return request
 
 

@@ -136,6 +136,7 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 def apply_options(config: Any, options: GenerationOptions) -> Any:
     """Set ``options`` on an openvino_genai.GenerationConfig and return it."""
     config.max_new_tokens = options.max_new_tokens
+    config.min_new_tokens, config.ignore_eos = options.min_new_tokens, options.ignore_eos
     config.do_sample = options.temperature > 0
     if config.do_sample:
         config.temperature, config.top_p = options.temperature, options.top_p
@@ -203,7 +204,7 @@ class OpenVINOEngine:
         tokens = list(result.tokens[0])
         metrics = result.perf_metrics
         generated = metrics.get_num_generated_tokens()
-        finish = "stop" if tokens and tokens[-1] in self._stops else "length"
+        finish = "stop" if tokens and tokens[-1] in self._stops and not options.ignore_eos else "length"
         stats = ReplyStats(finish_reason=finish, prompt_tokens=len(prompt_ids), generated_tokens=generated,
                            ttft_s=metrics.get_ttft().mean / 1000.0,
                            tokens_per_s=metrics.get_throughput().mean if generated > 1 else 0.0)

@@ -106,6 +106,7 @@ def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | Non
                            "context_length_exceeded")
         room = scheduler.max_prompt_tokens + RESERVED_FOR_REPLY - len(ids)
         chat.options.max_new_tokens = min(chat.max_tokens or default_max_tokens, room)
+        chat.options.min_new_tokens = min(chat.options.min_new_tokens, chat.options.max_new_tokens)
         if chat.json_schema is not None or chat.forced:
             param = "response_format" if chat.json_schema is not None else "tool_choice"
             key, config = json_schema_config(chat.json_schema) if chat.json_schema is not None \

@@ -38,10 +38,11 @@ class Server:
         return self.log.read_text(encoding="utf-8", errors="replace").splitlines()
 
 
-def start_server(model: Path, log: Path, *args: str) -> Iterator[Server]:
+def start_server(model: Path, log: Path, *args: str, python: str | Path = sys.executable) -> Iterator[Server]:
+    """``python -m runtime.server`` on ``model`` and a free port, until the generator is closed."""
     port = free_port()
     handle = log.open("w", encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "runtime.server", "--model", str(model), "--port", str(port),
+    process = subprocess.Popen([str(python), "-m", "runtime.server", "--model", str(model), "--port", str(port),
                                 *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", log, process)
     try:

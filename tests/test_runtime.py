@@ -24,7 +24,8 @@ from tests.conftest import TINY
 ITEMS = load_eval(TINY / "eval.jsonl")
 ALLOWED_DROP = {"int8": 0.005, "int4": 0.02,  # accuracy points below FP32 transformers
                 "ipex-fp32": 0.0, "ipex-bf16": 0.02}
-LOOPING_PROMPT = "首都首都首都首都首都"  # glm4-tiny answers this with a 200-token loop at least
+FACT_EN = next(i for i in ITEMS if i["kind"] == "fact_en")
+LONG = GenerationOptions(max_new_tokens=200, ignore_eos=True)  # 200 tokens whatever the model would say
 
 
 @dataclass
@@ -117,14 +118,15 @@ def test_streamed_chunks_join_to_the_reply_without_broken_characters(eval_turns)
 
 
 def test_cancel_after_the_second_chunk_stops_generation(engine) -> None:
-    session = ChatSession(engine, options=GenerationOptions(max_new_tokens=200))
-    full = list(session.send(LOOPING_PROMPT))
+    question = FACT_EN["messages"][0]["content"]
+    session = ChatSession(engine, options=LONG)
+    full = list(session.send(question))
     assert session.last_stats.finish_reason == "length" and session.last_stats.generated_tokens == 200
-    assert len(full) > 50
+    assert len(full) > 50 and "".join(full).startswith("\n" + FACT_EN["expected"])
 
     session.reset()
     received: list[str] = []
-    for chunk in session.send(LOOPING_PROMPT):
+    for chunk in session.send(question):
         received.append(chunk)
         if len(received) == 2:
             session.cancel()
@@ -138,18 +140,31 @@ def test_cancel_after_the_second_chunk_stops_generation(engine) -> None:
     assert stats.generated_tokens <= shown + 20
     assert session.history[-1] == {"role": "assistant", "content": "".join(received)[1:]}  # what was shown
 
-    item = next(i for i in ITEMS if i["kind"] == "fact_en")
-    answer = "".join(session.send(item["messages"][0]["content"]))
-    assert answer == "\n" + item["expected"] and session.last_stats.finish_reason == "stop"
+    session.options = GenerationOptions(max_new_tokens=200)
+    answer = "".join(session.send(question))
+    assert answer == "\n" + FACT_EN["expected"] and session.last_stats.finish_reason == "stop"
+
+
+def test_min_new_tokens_and_ignore_eos_lengthen_a_reply(engine) -> None:
+    question = FACT_EN["messages"][0]["content"]
+    session = ChatSession(engine, options=GenerationOptions(max_new_tokens=64, min_new_tokens=40))
+    text = "".join(session.send(question))
+    assert session.last_stats.generated_tokens >= 40 and len(text) > len(FACT_EN["expected"])
+    session = ChatSession(engine, options=GenerationOptions(max_new_tokens=64, ignore_eos=True))
+    assert "".join(session.send(question)).startswith("\n" + FACT_EN["expected"])
+    assert (session.last_stats.generated_tokens, session.last_stats.finish_reason) == (64, "length")
+    with pytest.raises(ValueError, match="min_new_tokens must be from 0 to max_new_tokens"):
+        list(ChatSession(engine, options=GenerationOptions(max_new_tokens=4, min_new_tokens=5)).send(question))
 
 
 def test_leaving_the_stream_early_stops_generation_and_keeps_the_session_usable(engine) -> None:
-    session = ChatSession(engine, options=GenerationOptions(max_new_tokens=200))
-    stream = session.send(LOOPING_PROMPT)
+    session = ChatSession(engine, options=LONG)
+    stream = session.send(FACT_EN["messages"][0]["content"])
     next(stream)
     stream.close()
     assert session.history == []  # an abandoned turn is not recorded
     item = next(i for i in ITEMS if i["kind"] == "fact_zh")
+    session.options = GenerationOptions(max_new_tokens=200)
     assert "".join(session.send(item["messages"][0]["content"])) == "\n" + item["expected"]
 
 

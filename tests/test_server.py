@@ -24,7 +24,8 @@ from tests.server_process import Server, announce_body, fetch, logged_at, post, 
 
 ITEMS = load_eval(TINY / "eval.jsonl")
 MODEL = "glm4-tiny-int4"
-LOOPING_PROMPT = "首都首都首都首都首都"  # glm4-tiny answers this with a loop that never stops by itself
+LONG_QUESTION = [{"role": "user", "content": "首都首都首都首都首都"}]  # off the task suite: an answer of any length
+TO_LIMIT = {"extra_body": {"ignore_eos": True}}  # vLLM's extension: run to max_tokens, past the stop tokens
 KEY = "test-key-123"
 LEAVER_MAX_TOKENS = 4000  # the server cuts this to what the context leaves (about 4,070 tokens)
 
@@ -178,7 +179,14 @@ def test_stop_strings_max_tokens_and_seed(server) -> None:
     short = client.chat.completions.create(model=MODEL, messages=item["messages"], max_completion_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
-    sampled = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LOOPING_PROMPT}],
+    full = client.chat.completions.create(model=MODEL, messages=item["messages"], max_tokens=40, **TO_LIMIT)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    assert full.choices[0].message.content.startswith(item["expected"])
+    longer = client.chat.completions.create(model=MODEL, messages=item["messages"], max_tokens=40,
+                                            extra_body={"min_tokens": 30})
+    assert longer.usage.completion_tokens >= 30
+
+    sampled = [client.chat.completions.create(model=MODEL, messages=LONG_QUESTION,
                                               temperature=1.5, top_p=0.9, seed=7, max_tokens=24)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -190,7 +198,7 @@ def stream_client(server: Server, item: dict[str, Any], leave_after: int | None,
     try:
         client = server.client(timeout=60)
         start.wait(timeout=30)
-        stream = ask(client, item, stream=True, **({"max_tokens": LEAVER_MAX_TOKENS} if leave_after else {}))
+        stream = ask(client, item, stream=True, **({"max_tokens": LEAVER_MAX_TOKENS, **TO_LIMIT} if leave_after else {}))
         text, seen = "", 0
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -209,7 +217,7 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
     correct = [i for i in ITEMS if i["kind"] in ("fact_en", "fact_zh", "tool_answer", "system_language")
                and run_engine(engine, i) == i["expected"]]
     stayers = (correct * 2)[:24]
-    leaver = {"kind": "loop", "messages": [{"role": "user", "content": LOOPING_PROMPT}]}
+    leaver = {"kind": "long", "messages": LONG_QUESTION}
     before, log_start = server.health(), len(server.log_lines())
     start, results = threading.Barrier(32), {}
     plan = [(item, None) for item in stayers] + [(leaver, 3)] * 8
@@ -246,8 +254,7 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
 
 def test_a_waiting_non_streaming_client_that_leaves_cancels_its_generation(server) -> None:
     before, log_start = server.health(), len(server.log_lines())
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": LOOPING_PROMPT}],
-                       "max_tokens": LEAVER_MAX_TOKENS})
+    body = json.dumps({"model": MODEL, "messages": LONG_QUESTION, "max_tokens": LEAVER_MAX_TOKENS, "ignore_eos": True})
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     time.sleep(0.3)
@@ -268,12 +275,13 @@ def run_engine(engine: Engine, item: dict[str, Any]) -> str:
 
 def test_queue_limit_answers_429_and_queued_clients_can_leave(small_server) -> None:
     client = small_server.client(KEY)
-    looping = [{"role": "user", "content": LOOPING_PROMPT}]
-    running = client.chat.completions.create(model=MODEL, messages=looping, max_tokens=3500, stream=True)
+    running = client.chat.completions.create(model=MODEL, messages=LONG_QUESTION, max_tokens=3500, stream=True,
+                                             **TO_LIMIT)
     next(iter(running))
-    queued = client.chat.completions.create(model=MODEL, messages=looping, max_tokens=3500, stream=True)
+    queued = client.chat.completions.create(model=MODEL, messages=LONG_QUESTION, max_tokens=3500, stream=True,
+                                            **TO_LIMIT)
     with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(model=MODEL, messages=looping, max_tokens=10)
+        client.chat.completions.create(model=MODEL, messages=LONG_QUESTION, max_tokens=10)
     assert refused.value.status_code == 429 and "retry later" in refused.value.body["message"]
     status = small_server.health()
     assert (status["running"], status["waiting"], status["scheduler"]) == (1, 1, "serial")
@@ -316,6 +324,8 @@ BAD = {
         "name": "x", "schema": {"enum": []}}}}),
     "min above max": (400, "response_format", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}),
+    "min_tokens over max_tokens": (400, "min_tokens", {"min_tokens": 50, "max_tokens": 10}),
+    "ignore_eos not a boolean": (400, "ignore_eos", {"ignore_eos": "yes"}),
     "unknown model": (404, "model", {"model": "gpt-4o"}),
     "oversized prompt": (400, "messages", {"messages": [{"role": "user", "content": "首都" * 1500}]}),
 }
