@@ -7,7 +7,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from runtime.chat_format import SPECIAL_TOKENS, STOP_TOKENS, jinja_template
+from chat_format import BUILTIN_TEMPLATE, SPECIAL_TOKENS, STOP_TOKENS
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -31,7 +31,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         model_max_length=8192,
         model_input_names=["input_ids", "attention_mask"],
     )
-    tokenizer.chat_template = jinja_template("glm")
+    tokenizer.chat_template = BUILTIN_TEMPLATE
     return tokenizer
 
 

@@ -27,7 +27,7 @@ from convert.compare import transformers_replies
 from models import tasks
 from models.evaluate import score
 from models.tokenizer import build_tokenizer, stop_token_ids
-from runtime.chat_format import render_segments
+from chat_format import ChatTemplate
 
 IGNORE = -100
 
@@ -49,7 +49,7 @@ def encode(tokenizer: PreTrainedTokenizerFast, item: dict[str, Any]) -> tuple[li
     encoding them one by one gives the same ids as encoding the whole text."""
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in render_segments(item["messages"], item.get("tools")):
+    for text, trained in ChatTemplate(tokenizer.chat_template).segments(item["messages"], item.get("tools")):
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
@@ -98,7 +98,8 @@ def train_tiny(output: str | Path, steps: int = 2000, batch_size: int = 32, lr: 
     eval_set = tasks.eval_items()
     held_out = {tasks.prompt_key(item) for item in eval_set}
     corpus_stream = tasks.training_stream(seed + 1, held_out)
-    corpus = ["".join(t for t, _ in render_segments(i["messages"], i.get("tools")))
+    template = ChatTemplate.builtin()
+    corpus = [template.render(i["messages"], i.get("tools"), add_generation_prompt=False)
               for i in (next(corpus_stream) for _ in range(20000))]
     tokenizer = build_tokenizer(corpus, vocab_size=1536)
     model = GlmForCausalLM(tiny_config(tokenizer))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.chat_format import encode_prompt, prompt_parts
+from chat_format import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16")
@@ -121,10 +121,15 @@ def prompt_of_length(engine: Any, length: int, variant: int = 0) -> list[int]:
     openvino-genai reuses the KV cache of a repeated prompt prefix across calls, so a benchmark
     that sent the same prompt twice would time a cache hit, not a prefill.
     """
-    frame = encode_prompt(prompt_parts([{"role": "user", "content": "x"}]), engine.encode, engine.token_id)
+    slot = "\ue000"
+    parts = engine.template.parts([{"role": "user", "content": slot}])
+    at = next(i for i, (text, _) in enumerate(parts) if slot in text)
+    head, tail = parts[at][0].split(slot)
+    prefix = encode_prompt(parts[:at] + [(head, False)], engine.encode, engine.token_id)
+    suffix = encode_prompt([(tail, False)] + parts[at + 1:], engine.encode, engine.token_id)
     filler = engine.encode("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * (length // 8 + 8))
     body = filler[variant % 7:] + filler  # a different first token for each of 7 variants
-    return frame[:3] + body[: length - 4] + frame[-1:]  # [gMASK] <sop> <|user|> ... <|assistant|>
+    return prefix + body[: max(length - len(prefix) - len(suffix), 1)] + suffix  # a user message of ``length`` tokens
 
 
 def measure_openvino(folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable, TextIO
 
 import runtime
+from chat_format import function_of
 from runtime.engine import ChatSession, EngineError, GenerationOptions
 
 HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
@@ -73,7 +74,7 @@ def read_tools(path: str) -> list[dict]:
             tools = json.load(handle)
     except (OSError, ValueError) as error:
         raise EngineError(f"cannot read tools from {path}: {error}") from None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in runtime.chat_format.function_of(t)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in function_of(t)
                                                for t in tools):
         raise EngineError(f"{path} must hold a JSON list of function tools, each with a name")
     return tools

@@ -1,7 +1,7 @@
 """The Engine protocol every backend implements, and the chat session built on it.
 
 An engine turns prompt token ids into a stream of text chunks; the session owns the history,
-renders it with :mod:`runtime.chat_format`, trims it to the engine's prompt budget, and parses
+renders it with the model's own chat template (:mod:`chat_format`), trims it to the engine's prompt budget, and parses
 replies into text or tool calls. Backends never see GLM-4's format.
 """
 
@@ -12,8 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from runtime import chat_format
-from runtime.chat_format import Message, Reply
+import chat_format
+from chat_format import ChatTemplate, Message, Reply
 
 
 class EngineError(Exception):
@@ -87,6 +87,7 @@ class Engine(Protocol):
     name: str
     device: str
     max_prompt_tokens: int
+    template: ChatTemplate  # the model's own chat template
 
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text (the caller keeps control tokens out of it)."""
@@ -101,8 +102,9 @@ class Engine(Protocol):
 
 
 def conversation_ids(engine: Engine, messages: Sequence[Message], tools: Sequence[dict] | None) -> list[int]:
-    """Prompt ids of a conversation, with every untrusted text kept out of control tokens."""
-    return chat_format.encode_prompt(chat_format.prompt_parts(messages, tools), engine.encode, engine.token_id)
+    """Prompt ids of a conversation rendered with the model's own template; no message or tool text
+    becomes a control token."""
+    return chat_format.encode_prompt(engine.template.parts(messages, tools), engine.encode, engine.token_id)
 
 
 def trim_history(engine: Engine, history: list[Message], tools: Sequence[dict] | None) -> tuple[list[Message], list[int]]:

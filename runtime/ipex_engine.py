@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runtime.chat_format import SPECIAL_TOKENS, STOP_TOKENS
+from chat_format import SPECIAL_TOKENS, STOP_TOKENS, ChatTemplate
 from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 TORCH_SERIES = "2.8"  # IPEX 2.8.0 checks torch's major.minor at import and exits on a mismatch
@@ -45,15 +45,21 @@ class IPEXUnavailableError(EngineError):
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags from /proc/cpuinfo; empty where that file does not exist."""
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where that file does not exist), less the
+    AVX-512 and AMX ones when ONEDNN_MAX_CPU_ISA caps oneDNN, and so IPEX, below AVX-512."""
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                    flags = set(line.partition(":")[2].split())
+                    break
     except OSError:
         pass
-    return set()
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap.startswith(("SSE", "AVX")) and not cap.startswith("AVX512"):
+        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+    return flags
 
 
 def pick_dtype(requested: str, flags: set[str]) -> str:
@@ -242,6 +248,7 @@ class IPEXEngine:
             raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}{hint}") from error
         self.model, self.quantization, self.notes = optimize(ipex, model.eval(), self.dtype, quantize)
         self.name, self.device = folder.name, "CPU"
+        self.template = ChatTemplate.from_folder(folder)
         ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
         self._special_ids = {token: i for token, i in ids.items()
                              if isinstance(i, int) and i != self.tokenizer.unk_token_id}
@@ -250,6 +257,9 @@ class IPEXEngine:
             raise ModelLoadError(f"the tokenizer of {folder} has no {', '.join(missing)}: not a GLM-4 model")
         self._stops = [self._special_ids[token] for token in STOP_TOKENS]
         config = model.config
+        # transformers falls back to the checkpoint's stop ids when none are given: ignore_eos stops on an id
+        # past the vocabulary instead, which is never generated.
+        self._never = int(getattr(config, "vocab_size", None) or getattr(config, "padded_vocab_size"))
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", 8192))
         self.max_prompt_tokens = max(self.context - min_response_len, 1)
 
@@ -270,7 +280,8 @@ class IPEXEngine:
         limit = max(min(options.max_new_tokens, self.context - prompt_tokens), 1)
         return GenerationConfig(max_new_tokens=limit, min_new_tokens=0 if options.ignore_eos else min(options.min_new_tokens, limit),
                                 do_sample=options.temperature > 0, repetition_penalty=options.repetition_penalty,
-                                eos_token_id=None if options.ignore_eos else self._stops, pad_token_id=self._stops[0],
+                                eos_token_id=[self._never] if options.ignore_eos else self._stops,
+                                pad_token_id=self._stops[0],
                                 **settings)
 
     def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,

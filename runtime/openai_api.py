@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.chat_format import Message, function_of
+from chat_format import Message, function_of
 from runtime.engine import GenerationOptions
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",

@@ -2,7 +2,7 @@
 
 A GLM-4 answer starts with ``\\n`` (dropped here); a tool call starts with the tool's name, so
 when tools are declared a reply that does not start with ``\\n`` is held back until it ends and is
-then parsed with :func:`runtime.chat_format.parse_reply`. Stop strings end the answer before
+then parsed with :func:`chat_format.parse_reply`. Stop strings end the answer before
 them; text that could be the start of one is held back until it cannot.
 """
 
@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
-from runtime.chat_format import parse_reply
+from chat_format import parse_reply
 
 
 class ReplyAssembler:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from runtime.chat_format import SPECIAL_TOKENS
+from chat_format import SPECIAL_TOKENS, ChatTemplate
 from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -172,6 +172,7 @@ class OpenVINOEngine:
             raise ModelLoadError(f"cannot load {folder} on {device}: {error_summary(error)}") from error
         self.tokenizer = self.pipeline.get_tokenizer()
         self.name, self.device, self.properties = folder.name, device, properties
+        self.template = ChatTemplate.from_folder(folder)
         # NPU compiles for MAX_PROMPT_LEN; elsewhere keep MIN_RESPONSE_LEN of the context for the reply.
         self.max_prompt_tokens = (max_prompt_len if device.startswith("NPU")
                                   else max(context_length(folder) - min_response_len, 1))

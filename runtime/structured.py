@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
-from runtime.chat_format import function_of, tool_call_prefix
+from chat_format import function_of, tool_call_prefix
 from runtime.openvino_engine import error_summary
 
 

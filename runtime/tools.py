@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from runtime.chat_format import ToolCall
+from chat_format import ToolCall
 from runtime.engine import ChatSession, EngineError
 
 

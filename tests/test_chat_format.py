@@ -1,4 +1,5 @@
-"""GLM-4's prompt format: the Python renderer, the bundled Jinja template, and untrusted text."""
+"""GLM-4's prompt format: the built-in template (glm4-tiny's), transformers' rendering of it, untrusted text,
+and reply parsing."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+import chat_format as cf
+from chat_format.builtin import TOOLS_PREAMBLE
 from models import tasks
-from runtime import chat_format as cf
 from tests.conftest import TINY
+
+BUILTIN = cf.ChatTemplate.builtin()
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather now.",
                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 TOOL_BLOCK = (
-    "<|system|>\n" + cf.TOOLS_PREAMBLE["glm"] + "\n\n# 可用工具\n\n## get_weather\n\n"
+    "<|system|>\n" + TOOLS_PREAMBLE + "\n\n# 可用工具\n\n## get_weather\n\n"
     "{\n"
     '    "name": "get_weather",\n'
     '    "description": "Weather now.",\n'
@@ -56,25 +60,28 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_renderer_matches_hand_written_prompt(name: str) -> None:
+def test_builtin_template_matches_hand_written_prompt(name: str) -> None:
     messages, tools, expected = CASES[name]
-    assert cf.render(messages, tools) == expected
+    assert BUILTIN.render(messages, tools) == expected
+    assert "".join(text for text, _ in BUILTIN.parts(messages, tools)) == expected
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bundled_template_matches_hand_written_prompt(tokenizer, name: str) -> None:
+def test_transformers_renders_the_bundled_template_the_same(tokenizer, name: str) -> None:
     messages, tools, expected = CASES[name]
     assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True) == expected
 
 
-def test_template_and_renderer_agree_on_the_task_suite(tokenizer) -> None:
+def test_template_and_transformers_agree_on_the_task_suite(tokenizer) -> None:
+    template = cf.ChatTemplate.from_folder(TINY)
+    assert template.source == tokenizer.chat_template == cf.BUILTIN_TEMPLATE
     rng = random.Random(7)
     for _ in range(200):
         item = tasks.sample(rng)
         text = tokenizer.apply_chat_template(item["messages"], tools=item.get("tools"), tokenize=False,
                                              add_generation_prompt=True)
-        assert text == cf.render(item["messages"], item.get("tools"))
-        ids = cf.encode_prompt(cf.prompt_parts(item["messages"], item.get("tools")),
+        assert text == template.render(item["messages"], item.get("tools"))
+        ids = cf.encode_prompt(template.parts(item["messages"], item.get("tools")),
                                lambda t: tokenizer.encode(t, add_special_tokens=False),
                                tokenizer.convert_tokens_to_ids)
         assert ids == tokenizer.encode(text, add_special_tokens=False)
@@ -101,7 +108,7 @@ def test_untrusted_text_never_becomes_control_tokens(tokenizer) -> None:
     messages = [{"role": "system", "content": hostile}, {"role": "user", "content": hostile},
                 {"role": "assistant", "metadata": "get_weather", "content": "{}"},
                 {"role": "observation", "content": hostile}]
-    ids = cf.encode_prompt(cf.prompt_parts(messages, [TOOL]), lambda t: tokenizer.encode(t, add_special_tokens=False),
+    ids = cf.encode_prompt(BUILTIN.parts(messages, [TOOL]), lambda t: tokenizer.encode(t, add_special_tokens=False),
                            tokenizer.convert_tokens_to_ids)
     special = {tokenizer.convert_tokens_to_ids(t) for t in cf.SPECIAL_TOKENS[:10]}
     structure = [tokenizer.convert_ids_to_tokens(i) for i in ids if i in special]

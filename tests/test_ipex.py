@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from models.evaluate import load_eval
-from runtime.chat_format import SPECIAL_TOKENS, STOP_TOKENS, render
+from chat_format import SPECIAL_TOKENS, STOP_TOKENS
 from runtime.engine import (ChatSession, DeviceError, GenerationOptions, ModelLoadError, PromptTooLongError,
                             conversation_ids)
 from runtime.ipex_engine import IPEXEngine, IPEXUnavailableError, check_environment, cpu_flags, pick_dtype
@@ -204,7 +204,7 @@ def test_special_token_strings_in_untrusted_text_stay_ordinary_text(engine) -> N
         "<|assistant|>"]
     assert engine.tokenizer.decode(ids, skip_special_tokens=False).count(HOSTILE) == 3
     # The Hugging Face tokenizer on the rendered text would turn every one of them into a control token.
-    naive = [control[i] for i in engine.tokenizer.encode(render(messages, weather), add_special_tokens=False)
+    naive = [control[i] for i in engine.tokenizer.encode(engine.template.render(messages, weather), add_special_tokens=False)
              if i in control]
     assert set(naive) == set(SPECIAL_TOKENS) and naive.count("<|assistant|>") == 2 + 3 * 2
 

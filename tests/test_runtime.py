@@ -16,7 +16,7 @@ import pytest
 
 import runtime
 from models.evaluate import load_eval
-from runtime.chat_format import Reply
+from chat_format import Reply
 from runtime.engine import ChatSession, Engine, GenerationOptions, conversation_ids
 from runtime.ipex_engine import cpu_flags, pick_dtype
 from tests.conftest import TINY

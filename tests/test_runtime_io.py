@@ -12,7 +12,7 @@ import pytest
 
 import runtime
 from models.evaluate import load_eval
-from runtime.chat_format import SPECIAL_TOKENS, render
+from chat_format import SPECIAL_TOKENS
 from runtime.engine import ChatSession, DeviceError, Engine, ModelLoadError, PromptTooLongError, conversation_ids
 from runtime.openvino_engine import device_properties
 from tests.conftest import TINY, run_module
@@ -48,7 +48,7 @@ def test_special_token_strings_in_untrusted_text_stay_ordinary_text(engine) -> N
     assert engine.tokenizer.decode(ids, skip_special_tokens=False).count(HOSTILE) == 3
 
     # Without the defence, the engine's tokenizer turns every one of them into a control token.
-    naive = [int(i) for i in engine.tokenizer.encode(render(messages, WEATHER), add_special_tokens=False)
+    naive = [int(i) for i in engine.tokenizer.encode(engine.template.render(messages, WEATHER), add_special_tokens=False)
              .input_ids.data[0]]
     naive_control = [control[i] for i in naive if i in control]
     assert set(naive_control) == set(SPECIAL_TOKENS)
