@@ -126,6 +126,13 @@ class ChatTemplate:
             return cls.builtin()
         return cls(source, special_token_variables(config))
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> ChatTemplate:
+        """The template of a transformers tokenizer (the built-in one when it has none)."""
+        if not isinstance(getattr(tokenizer, "chat_template", None), str):
+            return cls.builtin()
+        return cls(tokenizer.chat_template, dict(tokenizer.special_tokens_map))
+
     @cached_property
     def compiled(self) -> Any:
         import jinja2

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chat_format import ChatTemplate
+
 BUILTIN = "glm4-chat"
 
 WEATHER = {"type": "function", "function": {
@@ -80,7 +82,9 @@ def load_conversations(dataset: str) -> list[dict[str, Any]]:
 
 
 def calibration_texts(tokenizer: Any, conversations: list[dict[str, Any]]) -> list[str]:
-    """Render conversations to prompt text with the source model's own chat template."""
-    return [tokenizer.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False,
-                                          add_generation_prompt=c["messages"][-1]["role"] != "assistant")
+    """Render conversations to prompt text with the source model's own chat template (tools where it
+    reads them; without tools when it declares none)."""
+    template = ChatTemplate.from_tokenizer(tokenizer)
+    return [template.render(c["messages"], c.get("tools") if template.tools_placement else None,
+                            add_generation_prompt=c["messages"][-1]["role"] != "assistant")
             for c in conversations]

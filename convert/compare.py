@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chat_format import STOP_TOKENS, ChatTemplate
 from convert.calibration import builtin_conversations, calibration_texts
 from convert.verify import genai_reply
-
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 def load_eval(path: str | Path) -> list[dict[str, Any]]:
@@ -38,11 +37,11 @@ def transformers_replies(model: Any, tokenizer: Any, items: list[dict[str, Any]]
     tokenizer.padding_side = "left"
     stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     replies: list[str] = []
+    template = ChatTemplate.from_tokenizer(tokenizer)
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = [tokenizer.apply_chat_template(i["messages"], tools=i.get("tools"), tokenize=False,
-                                                     add_generation_prompt=True) for i in chunk]
+            prompts = [template.render(i["messages"], i.get("tools")) for i in chunk]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                               return_token_type_ids=False)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

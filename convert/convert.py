@@ -18,17 +18,19 @@ from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_st
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from chat_format import BUILTIN_TEMPLATE, STOP_TOKENS, ChatTemplate, TemplateError
+from chat_format.genai import genai_template
 from convert.atomic import OutputError, check_output, staged_output
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
 from convert.ovms import write_graph
 from convert.recipes import PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, make_recipe, quantization_config
 from convert.source import Source, SourceError, resolve
-from convert.tokenizer_ir import TokenizerError, save_tokenizer_ir, template_mismatches
+from convert.template_check import TemplateCheckError, check_templates
+from convert.tokenizer_ir import save_tokenizer_ir
 from convert.verify import verify_output
 from convert.vocab import compress_vocab_weights
 
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 STAGES = ("export", "compress", "tokenizer", "template check", "verify", "manifest")
 
 
@@ -105,8 +107,13 @@ def write_generation_config(output: Path, tokenizer: Any) -> None:
 def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
             overwrite: bool = False, verify: bool = True, quiet: bool = False,
             on_stage: Callable[[str], None] | None = None,
-            interrupted: threading.Event | None = None, ovms_device: str | None = None) -> dict[str, Any]:
-    """Convert ``model`` into ``output`` atomically and return the manifest."""
+            interrupted: threading.Event | None = None, ovms_device: str | None = None,
+            allow_template_mismatch: bool = False) -> dict[str, Any]:
+    """Convert ``model`` into ``output`` atomically and return the manifest.
+
+    Raises TemplateCheckError when a prompt of the converted model would differ from what the
+    checkpoint's chat template renders (unless ``allow_template_mismatch``; the manifest records it).
+    """
     from transformers import AutoTokenizer
 
     recipe = recipe or make_recipe()
@@ -125,6 +132,11 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
     with MemoryWatch() as memory, staged_output(output, overwrite) as staging:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         stop_ids(tokenizer)
+        own_template = isinstance(tokenizer.chat_template, str)
+        if not own_template:  # the converted folder gets GLM-4's format as this project writes it
+            tokenizer.chat_template = BUILTIN_TEMPLATE
+        template = ChatTemplate.from_tokenizer(tokenizer)
+        template.compiled  # a template that does not parse fails here, before the export
         exported = staging / ".export" if recipe.weight_format != "fp16" else staging
         report("export")
         export_ir(source, exported, trust_remote_code, "fp16" if recipe.weight_format == "fp16" else None)
@@ -135,13 +147,16 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
             shutil.rmtree(exported)
         report("tokenizer")
         tokenizer.save_pretrained(staging)
-        save_tokenizer_ir(tokenizer, staging)
+        save_tokenizer_ir(tokenizer, staging, genai_template(template.source, template.tools_placement))
         write_generation_config(staging, tokenizer)
         report("template check")
-        problems = template_mismatches(tokenizer, staging)
-        if problems:
-            raise TokenizerError("GenAI's chat template rendering differs from transformers': " + "; ".join(problems))
-        checks: dict[str, Any] = {"template_conversations_checked": "all identical"}
+        found = check_templates(tokenizer, template, staging)
+        if found.mismatches and not allow_template_mismatch:
+            more = f" (and {len(found.mismatches) - 1} more)" if len(found.mismatches) > 1 else ""
+            raise TemplateCheckError(f"prompts would differ from the checkpoint's chat template: "
+                                     f"{found.mismatches[0]}{more}; --allow-template-mismatch converts anyway")
+        checks: dict[str, Any] = {"chat_template": {"source": "checkpoint" if own_template else "built-in (the "
+                                                    "checkpoint has none)", **found.as_dict()}}
         if verify:
             report("verify")
             checks["verify"] = verify_output(staging, Path(source.path) if source.local else None)
@@ -185,6 +200,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                              "has eval.jsonl), top-1 token agreement and KL divergence")
     parser.add_argument("--ovms", metavar="DEVICE", choices=("CPU", "GPU", "NPU"),
                         help="also write graph.pbtxt so OpenVINO Model Server can serve the folder on DEVICE")
+    parser.add_argument("--allow-template-mismatch", action="store_true",
+                        help="convert even when a prompt rendered by the runtime or openvino-genai would differ from "
+                             "the checkpoint's own chat template (recorded in manifest.json)")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the final line")
     return parser
 
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             load_conversations(args.dataset)
         resolve(args.model, args.trust_remote_code)
         check_output(args.output, args.overwrite)
-    except (RecipeError, SourceError, OutputError, ValueError) as error:
+    except (RecipeError, SourceError, OutputError, TemplateError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = nullcontext() if args.quiet else stage_bar()
@@ -209,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
                                args.verify, args.quiet, on_stage=bar.stage if bar else None,
-                               interrupted=interrupted, ovms_device=args.ovms)
+                               interrupted=interrupted, ovms_device=args.ovms,
+                               allow_template_mismatch=args.allow_template_mismatch)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: conversion failed, nothing was written: {lines[0].strip()}", file=sys.stderr)
         return 1
     shares = ", ".join(f"{k} {v:.0%}" for k, v in manifest["weights"]["share"].items())
+    for note in template_notes(manifest["checks"]["chat_template"]):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.output}: {manifest['weights']['total_bytes'] / 2**20:.1f} MiB ({shares}), "
           f"peak RSS {manifest['peak_memory']['rss_bytes'] / 2**30:.2f} GiB, {manifest['duration_s']:.0f}s")
     if args.compare:
@@ -227,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             result = compare(args.model, Path(args.output), args.trust_remote_code)
         print(format_table(result))
     return 0
+
+
+def template_notes(check: dict[str, Any]) -> list[str]:
+    """What users should know about the converted model's chat template."""
+    notes = []
+    if check["source"] != "checkpoint":
+        notes.append("the checkpoint carries no chat template: GLM-4's format as this project writes it was used")
+    if check["tools_placement"] is None:
+        notes.append("the chat template declares no tools (neither top-level nor on a message): the converted "
+                     "model cannot be given tools")
+    notes += [f"template mismatch kept: {problem}" for problem in check["mismatches"]]
+    return notes
 
 
 def interrupt_flag() -> threading.Event:

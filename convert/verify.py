@@ -34,7 +34,7 @@ def verify_output(folder: Path, source_folder: Path | None, items: int = 8) -> d
         raise VerifyError(f"openvino-genai cannot load the result: {error}") from error
     eval_file = source_folder / "eval.jsonl" if source_folder else None
     if not eval_file or not eval_file.is_file():
-        reply = pipeline.generate("[gMASK]<sop><|user|>\nHello<|assistant|>", max_new_tokens=4, apply_chat_template=False)
+        reply = genai_reply(pipeline, {"messages": [{"role": "user", "content": "Hello"}]}, max_new_tokens=4)
         return {"loaded": True, "smoke_reply_chars": len(reply)}
     lines = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     picked = lines[:: max(len(lines) // items, 1)][:items]

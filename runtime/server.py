@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from chat_format import TemplateError
 from runtime.engine import EngineError, conversation_ids
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
@@ -99,7 +100,10 @@ def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | Non
 
     async def prepare(chat: ChatRequest) -> tuple[Job, asyncio.Queue, str]:
         """Encode the prompt, check its length and grammar, and build the job that reports to a queue."""
-        ids = await asyncio.to_thread(conversation_ids, scheduler, chat.messages, chat.tools)
+        try:
+            ids = await asyncio.to_thread(conversation_ids, scheduler, chat.messages, chat.tools)
+        except TemplateError as error:  # e.g. tools for a model whose template declares none
+            raise ApiError(400, str(error), "tools" if chat.tools else "messages") from None
         if len(ids) > scheduler.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but this server takes at most "
                            f"{scheduler.max_prompt_tokens}; shorten the messages", "messages",

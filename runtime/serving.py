@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from chat_format import ChatTemplate
 from runtime.engine import EngineError, GenerationOptions, ModelLoadError
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      default_cache_dir, device_properties, encode_text, error_summary,
@@ -169,6 +170,7 @@ class BatchScheduler(Scheduler):
         self.pipeline = self._build()
         self.tokenizer = self.pipeline.get_tokenizer()
         self._special_ids = special_token_ids(self.tokenizer)
+        self.template = ChatTemplate.from_folder(folder)
         self.max_prompt_tokens = max(context_length(folder) - RESERVED_FOR_REPLY, 1)
         self._running: list[_Running] = []
         self._dropping: list[_Running] = []
@@ -286,7 +288,7 @@ class SerialScheduler(Scheduler):
 
     def __init__(self, engine: OpenVINOEngine, max_waiting: int) -> None:
         super().__init__(engine.name, engine.device, 1, max_waiting)
-        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.engine, self.tokenizer, self.template = engine, engine.tokenizer, engine.template
         self.max_prompt_tokens = engine.max_prompt_tokens
         self.counters.tokens_after_cancel = None  # LLMPipeline does not say where a cancel landed
 
