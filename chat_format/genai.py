@@ -15,8 +15,10 @@ Input already in GLM-4's form passes through both unchanged.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from chat_format.template import ON_MESSAGE
+from chat_format.tokens import SPECIAL_TOKENS
 
 TOJSON_CALL = re.compile(r"\{\{(-?)\s*([^{}|]+?)\s*\|\s*tojson\s*\(([^()]*)\)\s*(-?)\}\}")
 INDENT = re.compile(r"^\s*indent\s*=\s*(\d+)\s*$")
@@ -96,3 +98,20 @@ def genai_template(source: str, tools_placement: str | None) -> str:
     if tools_placement == ON_MESSAGE:
         head += TOOLS_ON_MESSAGE
     return head + body
+
+
+class GenAIEncoder:
+    """Prompt ids with an ``openvino_genai.Tokenizer``: ordinary text without special tokens, control tokens by id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()  # keys are bytes in some releases, str in others
+        self.special = {token: int(vocab[key]) for token in SPECIAL_TOKENS for key in (token, token.encode())
+                        if key in vocab}
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token; KeyError when the tokenizer lacks it (not a GLM-4 model)."""
+        return self.special[token]

@@ -15,7 +15,7 @@ from typing import Any
 
 from chat_format import STOP_TOKENS, ChatTemplate
 from convert.calibration import builtin_conversations, calibration_texts
-from convert.verify import genai_reply
+from convert.verify import genai_replies
 
 
 def load_eval(path: str | Path) -> list[dict[str, Any]]:
@@ -116,6 +116,8 @@ def reference(source: str, trust_remote_code: bool = False) -> Reference:
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     eval_file = Path(source) / "eval.jsonl"
     items = load_eval(eval_file) if eval_file.is_file() else []
+    if ChatTemplate.from_tokenizer(tokenizer).tools_placement is None:  # the model cannot be given tools
+        items = [item for item in items if not item.get("tools")]
     conversations = [{"tools": i.get("tools"), "messages": i["messages"] + [reply_message(i["expected"])]}
                      for i in items] or builtin_conversations()
     texts = calibration_texts(tokenizer, conversations)
@@ -136,7 +138,7 @@ def compare(source: str, folder: Path, trust_remote_code: bool = False, ref: Ref
 
         pipeline = openvino_genai.LLMPipeline(str(folder), "CPU")
         result["source_exact_match"] = ref.exact_match
-        result["converted_exact_match"] = exact_match(ref.items, [genai_reply(pipeline, i) for i in ref.items])
+        result["converted_exact_match"] = exact_match(ref.items, genai_replies(pipeline, folder, ref.items))
         result["eval_items"] = len(ref.items)
     return result
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from chat_format import SPECIAL_TOKENS, ChatTemplate
+from chat_format import ChatTemplate
+from chat_format.genai import GenAIEncoder
 from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -116,21 +117,12 @@ def context_length(folder: Path) -> int:
     return int(config.get("max_position_embeddings") or config.get("seq_length") or 8192)
 
 
-def special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """Ids of GLM-4's special tokens in an openvino_genai.Tokenizer."""
-    vocab = tokenizer.get_vocab()  # keys are bytes in some releases, str in others
-    return {token: int(vocab[key]) for token in SPECIAL_TOKENS for key in (token, token.encode()) if key in vocab}
-
-
-def lookup_special(ids: dict[str, int], token: str) -> int:
-    if token not in ids:
-        raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model")
-    return ids[token]
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Ids of ordinary text, with no special tokens added (callers keep control tokens out of it)."""
-    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]
+def special_token_id(encoder: GenAIEncoder, token: str) -> int:
+    """Id of one of GLM-4's special tokens; ModelLoadError when the tokenizer lacks it."""
+    try:
+        return encoder.token_id(token)
+    except KeyError:
+        raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model") from None
 
 
 def apply_options(config: Any, options: GenerationOptions) -> Any:
@@ -176,14 +168,14 @@ class OpenVINOEngine:
         # NPU compiles for MAX_PROMPT_LEN; elsewhere keep MIN_RESPONSE_LEN of the context for the reply.
         self.max_prompt_tokens = (max_prompt_len if device.startswith("NPU")
                                   else max(context_length(folder) - min_response_len, 1))
-        self._special_ids = special_token_ids(self.tokenizer)
+        self.encoder = GenAIEncoder(self.tokenizer)
         self._stops = set(self.pipeline.get_generation_config().stop_token_ids)
 
     def encode(self, text: str) -> list[int]:
-        return encode_text(self.tokenizer, text)
+        return self.encoder.encode(text)
 
     def token_id(self, token: str) -> int:
-        return lookup_special(self._special_ids, token)
+        return special_token_id(self.encoder, token)
 
     def generation_config(self, options: GenerationOptions) -> Any:
         return apply_options(self.pipeline.get_generation_config(), options)

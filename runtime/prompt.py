@@ -50,11 +50,11 @@ def tokenizer_functions(folder: Path, trust_remote_code: bool) -> tuple[Callable
     if (folder / "openvino_tokenizer.xml").is_file():
         import openvino_genai
 
-        from runtime.openvino_engine import encode_text, lookup_special, special_token_ids
+        from chat_format.genai import GenAIEncoder
+        from runtime.openvino_engine import special_token_id
 
-        tokenizer = openvino_genai.Tokenizer(str(folder))
-        special = special_token_ids(tokenizer)
-        return (lambda text: encode_text(tokenizer, text)), (lambda token: lookup_special(special, token))
+        encoder = GenAIEncoder(openvino_genai.Tokenizer(str(folder)))
+        return encoder.encode, lambda token: special_token_id(encoder, token)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} is neither a converted model nor a Hugging Face checkpoint folder")
     try:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chat_format import ChatTemplate
+from chat_format.genai import GenAIEncoder
 from runtime.engine import EngineError, GenerationOptions, ModelLoadError
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
-                                     default_cache_dir, device_properties, encode_text, error_summary,
-                                     lookup_special, special_token_ids)
+                                     default_cache_dir, device_properties, error_summary, special_token_id)
 
 RESERVED_FOR_REPLY = 128  # prompts must leave this much of the context for the reply
 
@@ -169,7 +169,7 @@ class BatchScheduler(Scheduler):
         self._folder, self._properties, self._kv_cache_gb = folder, properties, kv_cache_gb
         self.pipeline = self._build()
         self.tokenizer = self.pipeline.get_tokenizer()
-        self._special_ids = special_token_ids(self.tokenizer)
+        self.encoder = GenAIEncoder(self.tokenizer)
         self.template = ChatTemplate.from_folder(folder)
         self.max_prompt_tokens = max(context_length(folder) - RESERVED_FOR_REPLY, 1)
         self._running: list[_Running] = []
@@ -187,10 +187,10 @@ class BatchScheduler(Scheduler):
             raise ModelLoadError(f"cannot load {self._folder} on {self.device}: {error_summary(error)}") from error
 
     def encode(self, text: str) -> list[int]:
-        return encode_text(self.tokenizer, text)
+        return self.encoder.encode(text)
 
     def token_id(self, token: str) -> int:
-        return lookup_special(self._special_ids, token)
+        return special_token_id(self.encoder, token)
 
     def _loop(self) -> None:
         while True:
