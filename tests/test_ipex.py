@@ -164,6 +164,27 @@ def test_glm4_0414_architecture_matches_plain_transformers(tmp_path) -> None:
 
 
 @needs_ipex
+@pytest.mark.parametrize("template", ["glm-4-9b-chat-hf", "glm-4-0414"])
+def test_prompts_follow_the_checkpoint_template(tmp_path, template) -> None:
+    from transformers import AutoTokenizer
+
+    from chat_format.conversations import CONVERSATIONS
+
+    shutil.copytree(TINY, tmp_path / "model")
+    shutil.copy(TINY.parent / "templates" / f"{template}.jinja", tmp_path / "model" / "chat_template.jinja")
+    engine = IPEXEngine(tmp_path / "model", dtype="fp32")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    for name, messages, tools in CONVERSATIONS:
+        items, top = engine.template.template_input(messages, tools)
+        expected = tokenizer.apply_chat_template(items, tools=top, tokenize=True, add_generation_prompt=True)
+        assert conversation_ids(engine, messages, tools) == list(expected), name
+    item = next(i for i in ITEMS if i["kind"] == "fact_en")
+    reply = engine.generate(conversation_ids(engine, item["messages"], None), GenerationOptions(max_new_tokens=48),
+                            lambda chunk: False)
+    assert reply.text.removeprefix("\n") == item["expected"]
+
+
+@needs_ipex
 def test_cancel_stops_generation_at_the_step_it_is_asked_for(engine) -> None:
     ids = conversation_ids(engine, [{"role": "user", "content": LONG_PROMPT}], None)
     chunks: list[str] = []
