@@ -59,7 +59,9 @@ OPENAI_MESSAGES = """{%- set glm4_intel = namespace(items=[]) -%}
 {%- endif -%}
 {%- for call in message.tool_calls -%}
 {%- set arguments = call.function.arguments -%}
-{%- set glm4_intel.items = glm4_intel.items + [{'role': 'assistant', 'metadata': call.function.name, 'content': arguments if arguments is string else arguments | tojson}] -%}
+{%- set arguments = arguments if arguments is string else arguments | tojson -%}
+{%- set glm4_intel.items = glm4_intel.items + [{'role': 'assistant', 'metadata': call.function.name,
+                                                 'content': arguments}] -%}
 {%- endfor -%}
 {%- else -%}
 {%- set glm4_intel.items = glm4_intel.items + [message] -%}

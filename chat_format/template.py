@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from chat_format.reply import Message, function_of
+from chat_format.reply import Message
 from chat_format.tokens import SPECIAL_PATTERN, SPECIAL_TOKENS, Part
 
 PROBE_TOOL = "glm4_intel_probe_tool"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -46,12 +47,22 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     if target.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, retired / target.name)
         os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
+        remove_tree(retired)
     else:
         os.replace(staging, target)
+
+
+def remove_tree(folder: Path, attempts: int = 20, pause_s: float = 0.1) -> None:
+    """Remove ``folder``, retrying while a library thread still writes into it (or, on Windows, still
+    holds a file open); what cannot be removed after ``attempts`` stays behind."""
+    for _ in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(pause_s)

@@ -40,7 +40,7 @@ def first_difference(tokenizer: Any, name: str, renderer: str, got: list[int], e
     """One line naming the first differing token of ``got`` against ``expected``, or None when equal."""
     if got == expected:
         return None
-    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
 
     def token(ids: list[int]) -> str:
         return repr(tokenizer.convert_ids_to_tokens(ids[at])) if at < len(ids) else "(end)"
@@ -74,13 +74,14 @@ def check_templates(tokenizer: Any, template: ChatTemplate, ir_folder: Path) -> 
                                                       return_dict=False))
         ours = encode_prompt(template.parts(messages, tools), hf_encode, tokenizer.convert_tokens_to_ids)
         openai = openai_form(messages, tools)
-        renderers = (("the runtime", lambda: ours), ("openvino-genai", lambda: genai_ids(items, top)),
-                     ("openvino-genai (OpenAI form)", lambda: genai_ids(openai["messages"], openai.get("tools"))))
-        for renderer, ids in renderers:
+        renderers = (("openvino-genai", items, top), ("openvino-genai (OpenAI form)", openai["messages"],
+                                                      openai.get("tools")))
+        problems = [first_difference(tokenizer, name, "the runtime", ours, expected)]
+        for renderer, genai_messages, genai_tools in renderers:
             try:
-                problem = first_difference(tokenizer, name, renderer, ids(), expected)
+                problems.append(first_difference(tokenizer, name, renderer, genai_ids(genai_messages, genai_tools),
+                                                 expected))
             except Exception as error:  # an engine that cannot render the template at all
-                problem = f"{name}: {renderer} cannot render it: {' '.join(str(error).split())[:200]}"
-            if problem:
-                report.mismatches.append(problem)
+                problems.append(f"{name}: {renderer} cannot render it: {' '.join(str(error).split())[:200]}")
+        report.mismatches += [problem for problem in problems if problem]
     return report

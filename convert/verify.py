@@ -50,7 +50,8 @@ def verify_output(folder: Path, source_folder: Path | None, items: int = 8) -> d
     if ChatTemplate.from_folder(folder).tools_placement is None:  # a template without tools: tool-free items only
         lines = [line for line in lines if not line.get("tools")]
     picked = lines[:: max(len(lines) // items, 1)][:items]
-    correct = sum(reply == item["expected"] for reply, item in zip(genai_replies(pipeline, folder, picked), picked))
+    replies = genai_replies(pipeline, folder, picked)
+    correct = sum(reply == item["expected"] for reply, item in zip(replies, picked, strict=True))
     if correct < len(picked) // 2:
         raise VerifyError(f"the converted model answered only {correct}/{len(picked)} eval items correctly")
     return {"loaded": True, "eval_items": len(picked), "eval_correct": correct}

@@ -45,8 +45,10 @@ def read_conversation(messages_path: str, tools_path: str | None) -> tuple[list[
         raise ValueError(f"{messages_path}: {error.message}") from None
 
 
-def tokenizer_functions(folder: Path, trust_remote_code: bool) -> tuple[Callable[[str], list[int]], Callable[[str], int]]:
-    """``encode(text)`` and ``token_id(special)`` of a converted folder (openvino-genai) or a checkpoint (transformers)."""
+def tokenizer_functions(folder: Path, trust_remote_code: bool
+                        ) -> tuple[Callable[[str], list[int]], Callable[[str], int]]:
+    """``encode(text)`` and ``token_id(special)`` of a converted folder (openvino-genai) or a checkpoint
+    (transformers)."""
     if (folder / "openvino_tokenizer.xml").is_file():
         import openvino_genai
 
@@ -93,7 +95,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="folder written by python -m convert, or a Hugging Face checkpoint folder")
     parser.add_argument("--messages", required=True,
                         help="JSON file: {\"messages\": [...], \"tools\": [...]} as the server takes, or a list")
-    parser.add_argument("--tools", help="JSON file with a list of OpenAI-style tools (instead of the one in --messages)")
+    parser.add_argument("--tools",
+                        help="JSON file with a list of OpenAI-style tools (instead of the one in --messages)")
     parser.add_argument("--ids", action="store_true", help="print the token ids (a JSON list) instead of the text")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="a checkpoint whose tokenizer is its own Python code (the original glm-4-9b-chat)")

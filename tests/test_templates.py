@@ -38,6 +38,12 @@ def with_template(folder: Path, template: str) -> Path:
     return folder
 
 
+def convert_int8(source: Path, output: Path, *flags: str):
+    """``python -m convert`` of ``source`` to INT8 in ``output``; the finished process."""
+    return run_module("convert", "--model", str(source), "--output", str(output), "--weight-format", "int8", "--quiet",
+                      *flags)
+
+
 def hf_ids(tokenizer, template: ChatTemplate, messages, tools) -> list[int]:
     """What transformers' apply_chat_template gives, with tools where the template reads them."""
     items, top = template.template_input(messages, tools)
@@ -51,8 +57,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, template in SHAPES.items():
         source = with_template(root / f"src-{name}", template)
-        result = run_module("convert", "--model", str(source), "--output", str(root / name), "--weight-format", "int8",
-                            "--quiet")
+        result = convert_int8(source, root / name)
         assert result.returncode == 0, result.stderr[-2000:]
         out[name] = root / name
     return out
@@ -132,14 +137,12 @@ def test_a_template_openvino_genai_cannot_reproduce_is_refused_with_the_differen
     template = SHAPES["glm-4-0414"].replace("tojson(indent=4, ensure_ascii=False)", "tojson(indent=4, sort_keys=True)")
     source = with_template(tmp_path / "src", template)
     output = tmp_path / "out"
-    refused = run_module("convert", "--model", str(source), "--output", str(output), "--weight-format", "int8",
-                         "--quiet")
+    refused = convert_int8(source, output)
     message = refused.stderr.strip()
     assert refused.returncode == 1 and "\n" not in message and not output.exists(), refused.stderr[-2000:]
     assert message.startswith("error: conversion failed, nothing was written: prompts would differ")
     assert "one tool: openvino-genai" in message and "--allow-template-mismatch" in message
-    kept = run_module("convert", "--model", str(source), "--output", str(output), "--weight-format", "int8",
-                      "--quiet", "--allow-template-mismatch")
+    kept = convert_int8(source, output, "--allow-template-mismatch")
     assert kept.returncode == 0 and "note: template mismatch kept: one tool: openvino-genai" in kept.stderr
     check = json.loads((output / "manifest.json").read_text(encoding="utf-8"))["checks"]["chat_template"]
     assert check["mismatches"] and all("openvino-genai" in m for m in check["mismatches"])  # never the runtime
@@ -149,8 +152,7 @@ def test_a_template_without_tools_converts_with_a_note_and_tools_are_refused(tmp
     template = SHAPES["glm-4-9b-chat-hf"].replace("{% if item['tools'] is defined %}", "{% if false %}")
     source = with_template(tmp_path / "src", template)
     output = tmp_path / "out"
-    result = run_module("convert", "--model", str(source), "--output", str(output), "--weight-format", "int8",
-                        "--quiet")
+    result = convert_int8(source, output)
     assert result.returncode == 0 and "note: the chat template declares no tools" in result.stderr, result.stderr
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]), encoding="utf-8")
