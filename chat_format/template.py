@@ -144,7 +144,10 @@ class ChatTemplate:
 
     @cached_property
     def tools_placement(self) -> str | None:
-        """Where the template reads tools: ``top-level``, ``message`` (a system item's ``tools``) or None."""
+        """Where the template reads tools: ``top-level``, ``message`` (a system item's ``tools``) or None.
+
+        Raises TemplateError when the template does not parse."""
+        _ = self.compiled  # parse errors surface here, not as a failed probe
         probe = [openai_tool({"name": PROBE_TOOL, "description": "probe",
                               "parameters": {"type": "object", "properties": {}}})]
         user = [{"role": "user", "content": "hi"}]

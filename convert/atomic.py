@@ -2,7 +2,9 @@
 
 An interrupted or failed write leaves only the staging folder (named ``.NAME.partial-*``, never
 mistaken for a model) and never touches an existing target until the new one is complete.
-Renames use :func:`os.replace`, which works the same on Windows and POSIX.
+Renames use :func:`os.replace`, which works the same on Windows and POSIX. Windows refuses to
+rename a folder while a program has one of its files open (the demo or server serving it): the
+old folder then stays where it was (or is put back) and :class:`FolderInUseError` says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class OutputError(Exception):
     """The output folder cannot be written (exists and is not empty, or is not writable)."""
 
 
+class FolderInUseError(OutputError):
+    """The finished output could not take the target's place: a program holds the old folder open."""
+
+
 def check_output(target: str | Path, overwrite: bool = False) -> Path:
     """Refuse a non-empty ``target`` unless ``overwrite``, and a parent that cannot be written."""
     target = Path(target).absolute()
@@ -30,9 +36,18 @@ def check_output(target: str | Path, overwrite: bool = False) -> Path:
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not writable(parent):
         raise OutputError(f"cannot write to {parent} (read-only or no permission)")
     return target
+
+
+def writable(folder: Path) -> bool:
+    """Whether a folder can be created in ``folder`` (os.access cannot tell on Windows: it ignores ACLs)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
@@ -46,16 +61,33 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
+        put_in_place(staging, target)
     except BaseException:
         remove_tree(staging)
         raise
-    if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, retired / target.name)
+
+
+def put_in_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing target is replaced, or kept when that fails."""
+    retired = None
+    try:
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
         os.replace(staging, target)
+    except OSError as error:
+        reason = (f"cannot replace {target}: the folder is in use ({error.strerror or error}); close the programs "
+                  "using it (chat, demo, server) and convert again")
+        if retired is not None:
+            if (retired / target.name).exists():
+                try:
+                    os.replace(retired / target.name, target)  # the old model goes back where it was
+                except OSError:
+                    raise FolderInUseError(f"{reason}; the previous model is in {retired / target.name}") from None
+            remove_tree(retired)
+        raise FolderInUseError(reason) from None
+    if retired is not None:
         remove_tree(retired)
-    else:
-        os.replace(staging, target)
 
 
 def remove_tree(folder: Path, attempts: int = 20, pause_s: float = 0.1) -> None:

@@ -136,7 +136,7 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
         if not own_template:  # the converted folder gets GLM-4's format as this project writes it
             tokenizer.chat_template = BUILTIN_TEMPLATE
         template = ChatTemplate.from_tokenizer(tokenizer)
-        template.compiled  # a template that does not parse fails here, before the export
+        placement = template.tools_placement  # a template that does not parse fails here, before the export
         exported = staging / ".export" if recipe.weight_format != "fp16" else staging
         report("export")
         export_ir(source, exported, trust_remote_code, "fp16" if recipe.weight_format == "fp16" else None)
@@ -147,7 +147,7 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
             shutil.rmtree(exported)
         report("tokenizer")
         tokenizer.save_pretrained(staging)
-        save_tokenizer_ir(tokenizer, staging, genai_template(template.source, template.tools_placement))
+        save_tokenizer_ir(tokenizer, staging, genai_template(template.source, placement))
         write_generation_config(staging, tokenizer)
         report("template check")
         found = check_templates(tokenizer, template, staging)
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except OutputError as error:  # the output folder became unwritable, or is held open (Windows)
+        print(f"error: nothing was written: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # any library failure: one line, never a traceback
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         print(f"error: conversion failed, nothing was written: {lines[0].strip()}", file=sys.stderr)
@@ -263,7 +266,8 @@ def template_notes(check: dict[str, Any]) -> list[str]:
 
 
 def interrupt_flag() -> threading.Event:
-    """Turn Ctrl-C and SIGTERM into KeyboardInterrupt, remembered in a flag that stages check."""
+    """Turn Ctrl-C, SIGTERM and Ctrl-Break (Windows) into KeyboardInterrupt, remembered in a flag that stages
+    check."""
     flag = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -271,8 +275,9 @@ def interrupt_flag() -> threading.Event:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
     return flag
 
 

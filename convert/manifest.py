@@ -19,16 +19,20 @@ PACKAGES = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel"
 
 
 def memory_now() -> tuple[int, int]:
-    """(resident bytes, anonymous resident bytes) of this process; anonymous is what must fit in RAM."""
+    """(resident bytes, anonymous resident bytes) of this process; anonymous is what must fit in RAM.
+
+    Linux: VmRSS and RssAnon. Elsewhere psutil's RSS with, on Windows, its private bytes (memory no file
+    backs, the nearest to anonymous) and on macOS RSS for both.
+    """
     status = Path("/proc/self/status")
     if status.is_file():
-        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        fields = dict(line.split(":", 1) for line in status.read_text(encoding="utf-8").splitlines() if ":" in line)
         kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
         return kib("VmRSS"), kib("RssAnon")
     import psutil
 
-    rss = psutil.Process().memory_info().rss
-    return rss, rss
+    info = psutil.Process().memory_info()
+    return info.rss, getattr(info, "private", info.rss)
 
 
 class MemoryWatch:

@@ -27,6 +27,7 @@ import gradio as gr
 import runtime
 from runtime.chat import one_line
 from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, ReplyStats
+from runtime.openvino_engine import CACHE_DIR_HELP
 from runtime.tools import ToolCallRecord, observation_text, run_call
 
 log = logging.getLogger(__name__)
@@ -289,12 +290,14 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
 
 
 def gradio_chat(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", host: str = "127.0.0.1",
-                port: int | None = None, share: bool = False) -> None:
+                port: int | None = None, share: bool = False, cache_dir: str = "default") -> None:
     """Load the model, serve the chat page, print its URL and block until interrupted.
 
     Raises EngineError when the model cannot be loaded and OSError when the port is taken.
     """
-    engine = runtime.load(model_dir, device, backend)
+    engine = runtime.load(model_dir, device, backend, **({"cache_dir": cache_dir} if backend == "openvino" else {}))
+    for note in getattr(engine, "notes", []):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     demo = build_demo(engine, model_dir)
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share, quiet=True,
                                           prevent_thread_lock=True, show_api=False)
@@ -313,6 +316,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--cache-dir", default="default", help=CACHE_DIR_HELP)
     return parser
 
 
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=r".*Gradio 6\.0", category=DeprecationWarning)  # 5.x -> 6 notices
     try:
-        gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share)
+        gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share, args.cache_dir)
     except (EngineError, OSError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2

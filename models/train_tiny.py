@@ -84,7 +84,7 @@ def save_checkpoint(model: GlmForCausalLM, tokenizer: PreTrainedTokenizerFast, o
         GenerationConfig(eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,
                          do_sample=False, max_new_tokens=256).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        with open(staging / "eval.jsonl", "w", encoding="utf-8") as handle:
+        with open(staging / "eval.jsonl", "w", encoding="utf-8", newline="\n") as handle:
             for item in eval_set:
                 handle.write(json.dumps(item, ensure_ascii=False) + "\n")
 

@@ -61,14 +61,19 @@ def cpu_description() -> str:
     name, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
+        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 name = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-    return f"{name} ({' '.join(f for f in wanted if f in flags) or 'ISA unknown'})"
+    found = " ".join(f for f in wanted if f in flags)
+    if not found:  # no /proc/cpuinfo (Windows, macOS): the precisions OpenVINO's CPU plugin can run
+        import openvino as ov
+
+        found = "OpenVINO: " + " ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return f"{name} ({found})"
 
 
 def weight_bytes_per_token(model_xml: Path) -> int:
@@ -106,7 +111,7 @@ def peak_rss() -> int:
         return psutil.Process().memory_info().peak_wset
     status = Path("/proc/self/status")
     if status.is_file():
-        for line in status.read_text().splitlines():
+        for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     import resource
@@ -137,7 +142,7 @@ def measure_openvino(folder: str, device: str, threads: int, lengths: list[int],
     """All measurements of one OpenVINO model folder (run inside a child process)."""
     from runtime.openvino_engine import OpenVINOEngine
 
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:
         start = time.perf_counter()
         engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads)
         cold = time.perf_counter() - start
@@ -235,7 +240,7 @@ def measure(backend: str, folder: str, device: str, threads: int, lengths: list[
 
 def child_main() -> None:
     """The child process: measure() arguments as JSON on stdin; rows, peak RSS or the error as JSON in a file."""
-    request = json.loads(sys.stdin.read())
+    request = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # sent as UTF-8, whatever the locale
     try:
         result: dict[str, Any] = {"rows": measure(**request["measure"]), "peak_rss": peak_rss()}
     except Exception as error:  # reported by the parent in one line
@@ -245,13 +250,13 @@ def child_main() -> None:
 
 def run_child(python: str, arguments: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     """Run measure(**arguments) under ``python`` in a fresh process; returns its rows and peak RSS."""
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
         output = Path(folder) / "result.json"
         request = json.dumps({"measure": arguments, "output": str(output)})
         try:
             process = subprocess.run([python, "-c", "from runtime.bench import child_main; child_main()"], cwd=ROOT,
-                                     input=request, text=True, encoding="utf-8", stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, check=False)
+                                     input=request, text=True, encoding="utf-8", errors="replace",
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         except OSError as error:
             raise RuntimeError(f"cannot run {python} ({error.strerror}); for ipex models run make venv-xeon or pass "
                                "--ipex-python") from None

@@ -20,6 +20,8 @@ from typing import Any, Callable, TextIO
 import runtime
 from chat_format import function_of
 from runtime.engine import ChatSession, EngineError, GenerationOptions
+from runtime.openvino_engine import CACHE_DIR_HELP
+from runtime.textio import InputLines, use_utf8_output
 
 HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
 
@@ -33,6 +35,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         "environment make venv-xeon creates")
     parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
     parser.add_argument("--threads", type=int, help="CPU inference threads (default: the library's choice)")
+    parser.add_argument("--cache-dir", help="--backend openvino: " + CACHE_DIR_HELP)
     ipex = parser.add_argument_group("--backend ipex only")
     ipex.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
                       help="auto (default): bf16 where the CPU has AVX-512 BF16 or AMX, else fp32")
@@ -61,11 +64,13 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"threads": args.threads} if args.threads else {}
     ipex_only = {"dtype": args.dtype, "quantize": args.quantize, "trust_remote_code": args.trust_remote_code}
     if args.backend == "ipex":
+        if args.cache_dir is not None:
+            raise ValueError("--cache-dir applies to --backend openvino only")
         return {**options, **ipex_only, "dtype": args.dtype or "auto"}
     given = [f"--{name.replace('_', '-')}" for name, value in ipex_only.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)} apply to --backend ipex only")
-    return options
+    return {**options, "cache_dir": args.cache_dir} if args.cache_dir is not None else options
 
 
 def read_tools(path: str) -> list[dict]:
@@ -108,7 +113,7 @@ def one_line(error: BaseException) -> str:
     return "error: " + " ".join(str(error).split("\n")).strip()
 
 
-def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_stats: bool = False,
+def chat(session: ChatSession, lines: TextIO | InputLines, out: TextIO, piped: bool, show_stats: bool = False,
          err: TextIO = sys.stderr) -> int:
     """Run the conversation loop over ``lines``; return how many turns failed.
 
@@ -171,6 +176,7 @@ def chat(session: ChatSession, lines: TextIO, out: TextIO, piped: bool, show_sta
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_utf8_output()
     args = setup_arg_parser().parse_args(argv)
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 args.repetition_penalty, args.seed, min_new_tokens=args.min_new_tokens,
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if not piped:
         print(f"{engine.name} on {engine.device}. {HELP}")
     try:
-        failures = chat(session, sys.stdin, sys.stdout, piped, args.stats)
+        failures = chat(session, InputLines(sys.stdin), sys.stdout, piped, args.stats)
     except KeyboardInterrupt:
         print()
         return 0

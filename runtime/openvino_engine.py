@@ -19,8 +19,12 @@ INSTALL_HINTS = {
 }
 
 
-def default_cache_dir() -> Path:
-    """Per-user folder for compiled-model blobs, so the second load of a model is fast."""
+def default_cache_dir() -> Path | None:
+    """Folder for compiled-model blobs, so the second load of a model is fast: GLM4_INTEL_CACHE_DIR when set
+    (empty: no cache), else a per-user folder."""
+    configured = os.environ.get("GLM4_INTEL_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured.strip() else None
     if os.name == "nt":
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
     else:
@@ -44,6 +48,40 @@ def device_properties(device: str, cache_dir: Path | None, threads: int | None =
         properties.update(MAX_PROMPT_LEN=max_prompt_len, MIN_RESPONSE_LEN=min_response_len,
                           GENERATE_HINT="BEST_PERF", PREFILL_HINT="DYNAMIC")
     return properties
+
+
+CACHE_DIR_HELP = ("folder for compiled models, so a second load is fast (default: GLM4_INTEL_CACHE_DIR, else the "
+                  "user's cache folder; an empty value: no cache)")
+
+
+def resolve_cache_dir(cache_dir: Path | None | str) -> Path | None:
+    """The cache folder for ``cache_dir`` ("default", a path, or None/"" for none), created."""
+    cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+    if cache is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the plugin then fails to use it, and load_pipeline loads without a cache
+    return cache
+
+
+def load_pipeline(build: Callable[[dict[str, Any]], Any], properties: dict[str, Any],
+                  what: str) -> tuple[Any, list[str]]:
+    """``build(properties)``; when that fails with a model cache, once more without it (a cache on a path
+    the plugin cannot use, or a stale blob). Returns the pipeline and notes for the user."""
+    try:
+        return build(properties), []
+    except Exception as error:
+        if "CACHE_DIR" not in properties:
+            raise ModelLoadError(f"cannot load {what}: {error_summary(error)}") from error
+        first = error_summary(error)
+    without = {key: value for key, value in properties.items() if key != "CACHE_DIR"}
+    try:
+        pipeline = build(without)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load {what}: {error_summary(error)}") from error
+    return pipeline, [f"loading with the model cache in {properties['CACHE_DIR']} failed ({first}); loaded without "
+                      "it (--cache-dir or GLM4_INTEL_CACHE_DIR picks another folder, an empty value none)"]
 
 
 def check_device(device: str, available: Sequence[str]) -> None:
@@ -154,14 +192,10 @@ class OpenVINOEngine:
         check_model_dir(folder)
         device = device.upper()
         check_device(device, ov.Core().available_devices)
-        cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-        properties = device_properties(device, cache, threads, kv_cache_precision, max_prompt_len, min_response_len)
-        try:
-            self.pipeline = openvino_genai.LLMPipeline(str(folder), device, **properties)
-        except Exception as error:
-            raise ModelLoadError(f"cannot load {folder} on {device}: {error_summary(error)}") from error
+        properties = device_properties(device, resolve_cache_dir(cache_dir), threads, kv_cache_precision,
+                                       max_prompt_len, min_response_len)
+        self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
+                                                  properties, f"{folder} on {device}")
         self.tokenizer = self.pipeline.get_tokenizer()
         self.name, self.device, self.properties = folder.name, device, properties
         self.template = ChatTemplate.from_folder(folder)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from chat_format import ChatTemplate, Message, TemplateError, encode_prompt
 from runtime.engine import EngineError, ModelLoadError
 from runtime.openai_api import ApiError, parse_messages, parse_tools
+from runtime.textio import use_utf8_output
 
 
 def read_json(path: str, what: str) -> Any:
@@ -104,6 +105,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_utf8_output()
     args = setup_arg_parser().parse_args(argv)
     try:
         messages, tools = read_conversation(args.messages, args.tools)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from chat_format import TemplateError
 from runtime.engine import EngineError, conversation_ids
+from runtime.openvino_engine import CACHE_DIR_HELP
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
 from runtime.serving import RESERVED_FOR_REPLY, Job, JobResult, QueueFull, Scheduler, load_scheduler
@@ -254,6 +255,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=("auto", "batch", "serial"), default="auto",
                         help="auto: continuous batching on CPU/GPU, serial on NPU")
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="KV-cache memory for continuous batching")
+    parser.add_argument("--cache-dir", default="default", help=CACHE_DIR_HELP)
     parser.add_argument("--default-max-tokens", type=int, default=1024,
                         help="reply limit when a request sets no max_tokens")
     return parser
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(args.model, args.device, args.host, args.port, args.api_key, args.max_concurrency,
-                     args.max_queue, args.scheduler, args.kv_cache_gb, args.default_max_tokens)
+                     args.max_queue, args.scheduler, args.kv_cache_gb, args.default_max_tokens, args.cache_dir)
     except EngineError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
@@ -276,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 64, scheduler: str = "auto", kv_cache_gb: int = 2,
-          default_max_tokens: int = 1024) -> int:
+          default_max_tokens: int = 1024, cache_dir: str | None = "default") -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb)
+    engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb, cache_dir)
+    for note in engine.notes:
+        log.warning("%s", note)
     checker = GrammarChecker(Path(model_dir), engine.tokenizer)
     app = create_app(engine, checker, api_key, default_max_tokens)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -20,7 +20,8 @@ from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
 from runtime.engine import EngineError, GenerationOptions, ModelLoadError
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
-                                     default_cache_dir, device_properties, error_summary, special_token_id)
+                                     device_properties, error_summary, load_pipeline, resolve_cache_dir,
+                                     special_token_id)
 
 RESERVED_FOR_REPLY = 128  # prompts must leave this much of the context for the reply
 
@@ -181,10 +182,10 @@ class BatchScheduler(Scheduler):
 
         config = openvino_genai.SchedulerConfig()
         config.cache_size, config.max_num_seqs = self._kv_cache_gb, self.max_running
-        try:
-            return openvino_genai.ContinuousBatchingPipeline(str(self._folder), config, self.device, self._properties)
-        except Exception as error:
-            raise ModelLoadError(f"cannot load {self._folder} on {self.device}: {error_summary(error)}") from error
+        pipeline, self.notes = load_pipeline(
+            lambda p: openvino_genai.ContinuousBatchingPipeline(str(self._folder), config, self.device, p),
+            self._properties, f"{self._folder} on {self.device}")
+        return pipeline
 
     def encode(self, text: str) -> list[int]:
         return self.encoder.encode(text)
@@ -289,6 +290,7 @@ class SerialScheduler(Scheduler):
     def __init__(self, engine: OpenVINOEngine, max_waiting: int) -> None:
         super().__init__(engine.name, engine.device, 1, max_waiting)
         self.engine, self.tokenizer, self.template = engine, engine.tokenizer, engine.template
+        self.notes = engine.notes
         self.max_prompt_tokens = engine.max_prompt_tokens
         self.counters.tokens_after_cancel = None  # LLMPipeline does not say where a cancel landed
 
@@ -337,7 +339,5 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
     kind = scheduler if scheduler != "auto" else ("batch" if device.split(".")[0] in ("CPU", "GPU") else "serial")
     if kind == "serial":
         return SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir), max_waiting)
-    cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    return BatchScheduler(folder, device, device_properties(device, cache), max_running, max_waiting, kv_cache_gb)
+    return BatchScheduler(folder, device, device_properties(device, resolve_cache_dir(cache_dir)), max_running,
+                          max_waiting, kv_cache_gb)

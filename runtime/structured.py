@@ -116,7 +116,7 @@ class GrammarChecker:
 
     def __init__(self, model_dir: Path, tokenizer: Any, remember: int = 512) -> None:
         self._tokenizer = tokenizer
-        self._folder = tempfile.TemporaryDirectory(prefix="glm4-grammar-")
+        self._folder = tempfile.TemporaryDirectory(prefix="glm4-grammar-", ignore_cleanup_errors=True)
         write_stand_in_model(Path(self._folder.name), vocab_size(model_dir, tokenizer))
         self._lock = threading.Lock()
         self._good: OrderedDict[str, None] = OrderedDict()

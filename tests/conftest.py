@@ -54,7 +54,7 @@ def stop_process(process: subprocess.Popen, grace: float = 15) -> None:
 def run_module(*args: str, stdin: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m ...`` from the repository root, as a user would."""
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, input=stdin, capture_output=True,
-                          text=True, timeout=timeout, encoding="utf-8")
+                          text=True, timeout=timeout, encoding="utf-8", errors="replace")
 
 
 def convert_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str) -> Path:

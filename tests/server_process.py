@@ -53,7 +53,7 @@ def start_server(model: Path, log: Path, *args: str, python: str | Path = sys.ex
                     break
             except OSError:
                 pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(encoding="utf-8")[-3000:]
             time.sleep(0.2)
         yield server
     finally:

@@ -14,7 +14,7 @@ def test_openvino_and_transformers_benchmarks_write_every_field(tmp_path, tiny_i
         result = run_module("runtime.bench", "--model", str(model), "--backend", backend, "--prompt-lengths", "16,48",
                             "--new-tokens", "8", "--runs", "1", "--threads", "2", "--json", str(out), "--plot", str(png))
         assert result.returncode == 0, result.stderr[-2000:]
-        rows = json.loads(out.read_text())
+        rows = json.loads(out.read_text(encoding="utf-8"))
         assert [r["prompt_tokens"] for r in rows] == [16, 48]
         for row in rows:
             assert set(row) == set(FIELDS)
@@ -27,9 +27,9 @@ def test_openvino_and_transformers_benchmarks_write_every_field(tmp_path, tiny_i
             assert 0 < row["ceiling_fraction"] and 2**20 < row["peak_rss_bytes"] < 2**34
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "decode tok/s" in result.stdout
-    openvino = json.loads((tmp_path / "openvino.json").read_text())[0]
+    openvino = json.loads((tmp_path / "openvino.json").read_text(encoding="utf-8"))[0]
     assert openvino["load_warm_s"] is not None and openvino["weight_bytes_per_token"] < 0.5 * json.loads(
-        (tmp_path / "transformers.json").read_text())[0]["weight_bytes_per_token"]  # INT4 reads far less than FP32
+        (tmp_path / "transformers.json").read_text(encoding="utf-8"))[0]["weight_bytes_per_token"]  # INT4 reads far less than FP32
 
 
 def test_bench_rejects_bad_arguments(tmp_path) -> None:
@@ -43,7 +43,7 @@ def test_accuracy_table_for_one_recipe(tmp_path) -> None:
     out = tmp_path / "acc.json"
     result = run_module("convert.accuracy", "--model", str(TINY), "--recipes", "int8", "--json", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text(encoding="utf-8"))
     assert row["recipe"] == "int8" and row["eval_items"] == 240
     assert abs(row["converted_exact_match"] - row["source_exact_match"]) <= 0.005
     assert row["top1_agreement"] > 0.95 and 0 <= row["mean_kl"] < 0.01

@@ -97,8 +97,8 @@ def test_special_tokens_have_glm4_names_and_stop_ids(tokenizer) -> None:
     for token in cf.SPECIAL_TOKENS[:10]:
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
         assert tokenizer.encode(token, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(token)]
-    config = json.loads((TINY / "config.json").read_text())
-    generation = json.loads((TINY / "generation_config.json").read_text())
+    config = json.loads((TINY / "config.json").read_text(encoding="utf-8"))
+    generation = json.loads((TINY / "generation_config.json").read_text(encoding="utf-8"))
     stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     assert config["eos_token_id"] == stops and generation["eos_token_id"] == stops
 

@@ -41,7 +41,7 @@ def test_int8_within_half_a_point_of_fp32(tiny_int8, fp32_accuracy) -> None:
 
 
 def test_cpu_profile_int4_within_two_points_of_fp32(tiny_int4, fp32_accuracy) -> None:
-    manifest = json.loads((tiny_int4 / "manifest.json").read_text())
+    manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"] | {"profile": "cpu"} == manifest["settings"]
     assert (manifest["settings"]["sym"], manifest["settings"]["group_size"], manifest["settings"]["ratio"]) == (True, -1, 1.0)
     accuracy = genai_accuracy(tiny_int4)
@@ -53,7 +53,7 @@ def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:
     output = tmp_path / "npu"
     result = run_module("convert", "--model", str(TINY), "--output", str(output), "--profile", "npu", "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads((output / "manifest.json").read_text())
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["sym"] is True and manifest["settings"]["ratio"] == 1.0
     assert "u4" not in manifest["weights"]["share"]  # symmetric INT4 is stored signed
     accuracy = genai_accuracy(output)
@@ -62,7 +62,7 @@ def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:
 
 
 def test_manifest_describes_the_conversion(tiny_int4) -> None:
-    manifest = json.loads((tiny_int4 / "manifest.json").read_text())
+    manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["source"]["model_type"] == "glm" and manifest["source"]["local"] is True
     assert manifest["versions"]["openvino"] and manifest["versions"]["nncf"] and manifest["versions"]["transformers"]
     assert abs(sum(manifest["weights"]["share"].values()) - 1.0) < 1e-6
@@ -98,7 +98,12 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+POSIX_SIGNALS = pytest.mark.skipif(os.name == "nt", reason="POSIX signals (on Windows the converter takes Ctrl-C and "
+                                   "Ctrl-Break through the same handler; not run here)")
+
+
+@POSIX_SIGNALS
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_killed_conversion_leaves_no_valid_folder_and_keeps_the_old_one(tmp_path, tiny_int4, sig) -> None:
     previous = tmp_path / "model"
     shutil.copytree(tiny_int4, previous)
@@ -113,12 +118,12 @@ def test_killed_conversion_leaves_no_valid_folder_and_keeps_the_old_one(tmp_path
     assert len(list(tmp_path.glob(".*.partial-*"))) == 2, "the conversions never started staging"
     time.sleep(1.0)  # well inside the export
     for proc in procs:
-        proc.send_signal(sig)
+        proc.send_signal(getattr(signal, sig))
         proc.wait(timeout=60)
         assert proc.returncode != 0
     assert digest(previous) == before
     assert not fresh.exists()
-    if sig == signal.SIGINT:  # an interrupted conversion cleans up its staging folder
+    if sig == "SIGINT":  # an interrupted conversion cleans up its staging folder
         assert not list(tmp_path.glob(".*.partial-*"))
 
 
@@ -131,6 +136,8 @@ def test_refuses_non_empty_output_without_overwrite(tmp_path) -> None:
 
 
 def read_only_dir(tmp_path: Path) -> Path:
+    if os.name == "nt":
+        pytest.skip("a read-only folder needs an ACL on Windows (chmod 0o555 does not make one)")
     if os.geteuid() == 0:  # root writes through permission bits; /proc/sys refuses even root
         return Path("/proc/sys")
     folder = tmp_path / "ro"
@@ -185,7 +192,7 @@ def test_jsonl_dataset_with_awq_and_scale_estimation(tmp_path) -> None:
                         "--group-size", "64", "--awq", "--scale-estimation", "--dataset", str(dataset),
                         "--num-samples", "16", "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads((output / "manifest.json").read_text())
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["awq"] and manifest["settings"]["scale_estimation"]
     assert manifest["checks"]["verify"]["eval_correct"] >= manifest["checks"]["verify"]["eval_items"] - 1
 
@@ -231,7 +238,7 @@ def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
     AutoTokenizer.from_pretrained(TINY).save_pretrained(bf16)
     export_ir(resolve(str(bf16)), tmp_path / "export", trust_remote_code=False)
     model = ov.Core().read_model(tmp_path / "export" / "openvino_model.xml")
-    config = json.loads((TINY / "config.json").read_text())
+    config = json.loads((TINY / "config.json").read_text(encoding="utf-8"))
     weights = find_vocab_weights(model, config["vocab_size"])
     assert {w.consumer.get_type_name() for w in weights} == {"Gather", "MatMul"}
     from convert.vocab import rows_as_float32
@@ -252,7 +259,50 @@ def test_ovms_flag_writes_a_graph_for_the_device(tmp_path) -> None:
     result = run_module("convert", "--model", str(TINY), "--output", str(output), "--weight-format", "int8",
                         "--ovms", "NPU", "--quiet", "--no-verify")
     assert result.returncode == 0, result.stderr[-2000:]
-    graph = (output / "graph.pbtxt").read_text()
+    graph = (output / "graph.pbtxt").read_text(encoding="utf-8")
     assert 'calculator: "HttpLLMCalculator"' in graph and 'device: "NPU"' in graph and 'models_path: "./"' in graph
     assert graph.count("{") == graph.count("}")
-    assert "graph.pbtxt" in json.loads((output / "manifest.json").read_text())["files"]
+    assert "graph.pbtxt" in json.loads((output / "manifest.json").read_text(encoding="utf-8"))["files"]
+
+
+def failing_replace(fail_on: str):
+    """os.replace that raises PermissionError (as Windows does for a folder in use) on one rename of the
+    final swap: "old" moves the existing model aside (the first), "new" moves the finished one in (the second)."""
+    real, calls = os.replace, []
+
+    def replace(source, destination) -> None:
+        calls.append(source)
+        if len(calls) == (1 if fail_on == "old" else 2):
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process")
+        real(source, destination)
+    return replace
+
+
+@pytest.mark.parametrize("fail_on", ["old", "new"])
+def test_a_folder_in_use_stays_intact_when_the_rename_fails(tmp_path, monkeypatch, fail_on) -> None:
+    from convert.atomic import FolderInUseError, staged_output
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "openvino_model.xml").write_text("old", encoding="utf-8")
+    monkeypatch.setattr("convert.atomic.os.replace", failing_replace(fail_on))
+    with pytest.raises(FolderInUseError, match="in use"):
+        with staged_output(target, overwrite=True) as staging:
+            (staging / "openvino_model.xml").write_text("new", encoding="utf-8")
+    assert (target / "openvino_model.xml").read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folder left
+
+
+def test_converting_over_a_folder_in_use_is_a_one_line_error(tmp_path, monkeypatch, capsys, tiny_int4) -> None:
+    from convert.convert import main
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_int4, target)
+    before = digest(target)
+    monkeypatch.setattr("convert.atomic.os.replace", failing_replace("old"))
+    code = main(["--model", str(TINY), "--output", str(target), "--overwrite", "--quiet", "--no-verify",
+                 "--weight-format", "int8"])
+    message = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in message and "the folder is in use" in message, message
+    assert digest(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

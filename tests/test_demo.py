@@ -12,11 +12,11 @@ def test_converted_folder_is_complete(tiny_int4) -> None:
     for name in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml",
                  "generation_config.json", "manifest.json"):
         assert (tiny_int4 / name).is_file(), name
-    manifest = json.loads((tiny_int4 / "manifest.json").read_text())
+    manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["weight_format"] == "int4"
     assert manifest["weights"]["share"].get("i4", 0) > 0.5
-    assert json.loads((tiny_int4 / "generation_config.json").read_text())["eos_token_id"] == \
-        json.loads((TINY / "config.json").read_text())["eos_token_id"]
+    assert json.loads((tiny_int4 / "generation_config.json").read_text(encoding="utf-8"))["eos_token_id"] == \
+        json.loads((TINY / "config.json").read_text(encoding="utf-8"))["eos_token_id"]
 
 
 def test_piped_chat_answers_eval_questions(tiny_int4) -> None:

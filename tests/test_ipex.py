@@ -237,7 +237,7 @@ def test_special_token_strings_in_untrusted_text_stay_ordinary_text(engine) -> N
 
 @needs_ipex
 def test_prompt_budget_comes_from_the_checkpoint(engine) -> None:
-    context = json.loads((TINY / "config.json").read_text())["max_position_embeddings"]
+    context = json.loads((TINY / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
     assert engine.max_prompt_tokens == context - 128
     with pytest.raises(PromptTooLongError):
         list(ChatSession(engine).send("首都" * 1500))  # 4,500 tokens
@@ -265,7 +265,7 @@ def test_benchmark_measures_the_ipex_backend(tmp_path) -> None:
                              "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text(encoding="utf-8"))
     assert (row["backend"], row["model"], row["prompt_tokens"], row["new_tokens"]) == ("ipex-fp32", "glm4-tiny", 16, 8)
     assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0 and row["load_cold_s"] > 0
     assert 1e6 < row["weight_bytes_per_token"] < 1e8 and 2**20 < row["peak_rss_bytes"] < 2**34

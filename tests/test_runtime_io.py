@@ -190,3 +190,39 @@ def test_piped_chat_reports_a_too_long_line_and_goes_on(tiny_int8) -> None:
     assert result.returncode == 1
     assert "the prompt needs" in one_line_error(result.stderr)
     assert result.stdout.splitlines() == ["", item["expected"]]
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "gbk"])
+def test_piped_chinese_survives_a_non_utf8_locale(tiny_int8: Path, encoding: str) -> None:
+    """What Windows does to pipes (the ANSI code page), imitated: Chinese in (UTF-8 or the code page), UTF-8 out."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    item = next(i for i in ITEMS if i["kind"] == "fact_zh")
+    question = item["messages"][0]["content"]
+    environment = {**os.environ, "PYTHONIOENCODING": encoding, "PYTHONUTF8": "0"}
+    sent = ("\ufeff" + question).encode("utf-8") if encoding == "cp1252" else question.encode(encoding)
+    result = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(tiny_int8)], cwd=ROOT,
+                            input=sent + b"\n", capture_output=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-2000:]
+    assert result.stdout.decode("utf-8").strip() == item["expected"]
+
+
+def test_a_model_cache_that_cannot_be_used_is_left_out_with_a_note(tiny_int8: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    from runtime.openvino_engine import default_cache_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    item = next(i for i in ITEMS if i["kind"] == "fact_en")
+    result = run_module("runtime.chat", "--model", str(tiny_int8), "--cache-dir", str(blocker / "cache"),
+                        stdin=item["messages"][0]["content"] + "\n")
+    assert result.returncode == 0 and result.stdout.strip() == item["expected"], result.stderr[-2000:]
+    assert result.stderr.startswith("note: loading with the model cache in") and "loaded without it" in result.stderr
+    monkeypatch.setenv("GLM4_INTEL_CACHE_DIR", "")
+    assert default_cache_dir() is None
+    monkeypatch.setenv("GLM4_INTEL_CACHE_DIR", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache"

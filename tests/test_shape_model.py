@@ -13,7 +13,7 @@ def test_writes_real_glm4_9b_widths(tmp_path) -> None:
     output = tmp_path / "shape"
     result = run_module("models.shape_model", "--layers", "1", "--output", str(output))
     assert result.returncode == 0, result.stderr[-2000:]
-    config = json.loads((output / "config.json").read_text())
+    config = json.loads((output / "config.json").read_text(encoding="utf-8"))
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["head_dim"], config["vocab_size"], config["num_hidden_layers"]) == \
         (4096, 13696, 32, 2, 128, 151552, 1)
@@ -36,4 +36,4 @@ def test_refuses_zero_layers_and_non_empty_output(tmp_path) -> None:
     (tmp_path / "full" / "keep.txt").write_text("mine")
     result = run_module("models.shape_model", "--layers", "2", "--output", str(tmp_path / "full"))
     assert result.returncode == 2 and "not empty" in result.stderr and result.stderr.strip().count("\n") == 0
-    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "full" / "keep.txt").read_text(encoding="utf-8") == "mine"

@@ -11,7 +11,7 @@ from tests.conftest import TINY
 
 
 def test_checkpoint_is_glm4_hf_architecture() -> None:
-    config = json.loads((TINY / "config.json").read_text())
+    config = json.loads((TINY / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == ["GlmForCausalLM"] and config["model_type"] == "glm"
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # grouped-query attention
     assert config["partial_rotary_factor"] == 0.5 and config["hidden_act"] == "silu"
