@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 
+# Staging folders of this process, and whether each is being put in place right now (see abandon_staging).
+_STAGING: dict[Path, bool] = {}
+
+
 class OutputError(Exception):
     """The output folder cannot be written (exists and is not empty, or is not writable)."""
 
@@ -59,12 +63,26 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    _STAGING[staging] = False
     try:
         yield staging
+        _STAGING[staging] = True
         put_in_place(staging, target)
     except BaseException:
         remove_tree(staging)
         raise
+    finally:
+        _STAGING.pop(staging, None)
+
+
+def abandon_staging() -> bool:
+    """Remove this process's staging folders, for a process about to exit at once (an interrupt);
+    False, removing nothing, while a finished folder is being put in place (that takes a moment)."""
+    if any(_STAGING.values()):
+        return False
+    for staging in list(_STAGING):
+        remove_tree(staging)
+    return True
 
 
 def put_in_place(staging: Path, target: Path) -> None:

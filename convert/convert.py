@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from chat_format import BUILTIN_TEMPLATE, STOP_TOKENS, ChatTemplate, TemplateError
 from chat_format.genai import genai_template
-from convert.atomic import OutputError, check_output, staged_output
+from convert.atomic import OutputError, abandon_staging, check_output, staged_output
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
 from convert.ovms import write_graph
@@ -106,8 +105,7 @@ def write_generation_config(output: Path, tokenizer: Any) -> None:
 
 def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
             overwrite: bool = False, verify: bool = True, quiet: bool = False,
-            on_stage: Callable[[str], None] | None = None,
-            interrupted: threading.Event | None = None, ovms_device: str | None = None,
+            on_stage: Callable[[str], None] | None = None, ovms_device: str | None = None,
             allow_template_mismatch: bool = False) -> dict[str, Any]:
     """Convert ``model`` into ``output`` atomically and return the manifest.
 
@@ -123,9 +121,6 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
     started = time.time()
 
     def report(stage: str | None) -> None:
-        # Libraries may swallow KeyboardInterrupt; the flag set by the signal handler cannot be lost.
-        if interrupted is not None and interrupted.is_set():
-            raise KeyboardInterrupt
         if stage and on_stage:
             on_stage(stage)
 
@@ -164,7 +159,6 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
             write_graph(staging, ovms_device)
         report("manifest")
         manifest = write_manifest(staging, source, recipe, checks, time.time() - started, memory)
-        report(None)  # last chance to abandon the staging folder before it becomes the output
     return manifest
 
 
@@ -222,16 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = nullcontext() if args.quiet else stage_bar()
-    interrupted = interrupt_flag()
+    exit_on_interrupt()
     try:
         with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
                                args.verify, args.quiet, on_stage=bar.stage if bar else None,
-                               interrupted=interrupted, ovms_device=args.ovms,
+                               ovms_device=args.ovms,
                                allow_template_mismatch=args.allow_template_mismatch)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
     except OutputError as error:  # the output folder became unwritable, or is held open (Windows)
         print(f"error: nothing was written: {error}", file=sys.stderr)
         return 2
@@ -265,20 +256,22 @@ def template_notes(check: dict[str, Any]) -> list[str]:
     return notes
 
 
-def interrupt_flag() -> threading.Event:
-    """Turn Ctrl-C, SIGTERM and Ctrl-Break (Windows) into KeyboardInterrupt, remembered in a flag that stages
-    check."""
-    flag = threading.Event()
+def exit_on_interrupt() -> None:
+    """End the conversion at once on Ctrl-C, SIGTERM or Ctrl-Break: staging folders removed, exit status 130.
 
+    Raising KeyboardInterrupt instead can abort the process inside a library's native code (seen:
+    SIGABRT in the PyTorch frontend), which leaves the staging folder behind. While the finished
+    folder is being renamed into place, the interrupt waits for that moment to pass.
+    """
     def handler(signum: int, frame: Any) -> None:
-        flag.set()
-        raise KeyboardInterrupt
+        if abandon_staging():
+            os.write(2, b"interrupted: nothing was written\n")  # the real stderr, even while --quiet hides sys.stderr
+            os._exit(130)
 
     signal.signal(signal.SIGINT, handler)
     for name in ("SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), handler)
-    return flag
 
 
 @contextmanager

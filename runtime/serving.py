@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
-from runtime.engine import EngineError, GenerationOptions, ModelLoadError
+from runtime.engine import EngineError, GenerationOptions
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, load_pipeline, resolve_cache_dir,
                                      special_token_id)

@@ -4,7 +4,6 @@ used behind a guard: a platform check, a feature check, or an exception handler 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from tests.conftest import ROOT
 
