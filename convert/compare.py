@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chat_format import STOP_TOKENS, ChatTemplate
+from chat_format import STOP_TOKENS, ChatTemplate, parse_reply
 from convert.calibration import builtin_conversations, calibration_texts
 from convert.verify import genai_replies
 
@@ -26,7 +26,7 @@ def load_eval(path: str | Path) -> list[dict[str, Any]]:
 
 def strip_answer(reply: str) -> str:
     """A plain GLM-4 answer begins with a newline that is not part of the answer."""
-    return reply[1:] if reply.startswith("\n") else reply
+    return parse_reply(reply).text
 
 
 def transformers_replies(model: Any, tokenizer: Any, items: list[dict[str, Any]],

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chat_format import ChatTemplate, encode_prompt
+from chat_format import ChatTemplate, encode_prompt, parse_reply
 from chat_format.genai import GenAIEncoder
 
 
@@ -30,7 +30,7 @@ def genai_replies(pipeline: Any, folder: Path, items: list[dict[str, Any]], max_
         ids = encode_prompt(template.parts(item["messages"], item.get("tools")), encoder.encode, encoder.token_id)
         result = pipeline.generate(ov.Tensor(np.array([ids], dtype=np.int64)), config)
         reply = tokenizer.decode(list(result.tokens[0]))
-        replies.append(reply[1:] if reply.startswith("\n") else reply)
+        replies.append(parse_reply(reply).text)
     return replies
 
 

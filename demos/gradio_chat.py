@@ -28,7 +28,7 @@ import runtime
 from runtime.chat import one_line
 from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, ReplyStats
 from runtime.openvino_engine import CACHE_DIR_HELP
-from runtime.tools import ToolCallRecord, observation_text, run_call
+from runtime.tools import ToolCallRecord, ToolStepsExceeded, observation_text, stream_tool_loop
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,10 @@ class ChatApp:
                 session.options = GenerationOptions(int(max_new_tokens), float(temperature), float(top_p),
                                                     int(top_k), float(repetition_penalty),
                                                     ignore_eos=bool(ignore_eos))
-                calls = yield from self._converse(tab, session, message, history)
-                status = stats_line(session.last_stats, calls)
+                stats, calls = yield from self._converse(tab, session, message, history)
+                status = stats_line(stats, calls)
+        except ToolStepsExceeded as error:
+            status = f"**Error:** the model still called {error.pending.name} after {MAX_TOOL_STEPS} tool calls"
         except (EngineError, ValueError) as error:
             status = "**Error:** " + " ".join(str(error).split())
         except Exception as error:  # shown as one line; the trace goes to the server's log
@@ -180,41 +182,29 @@ class ChatApp:
         if tab.session is session:
             yield history, status
 
-    def _converse(self, tab: Tab, session: ChatSession, message: str,
-                  history: list[dict[str, Any]]) -> Generator[tuple[Any, Any], None, int]:
-        """Stream replies, running the demo tools while the model calls them; return the number of calls."""
-        text, role, calls = message, "user", 0
-        while True:
-            answer: dict[str, Any] = {"role": "assistant", "content": ""}
-            history.append(answer)
-            yield from self._stream(tab, session, text, role, answer, history)
-            reply, stats = session.last, session.last_stats
-            call = reply.tool_call if reply and session.tools and not reply.malformed else None
-            if call is None or stats is None or stats.finish_reason == "cancelled" or tab.session is not session:
-                answer["content"] = (reply.text if reply else "") or answer["content"]
-                return calls
-            if calls >= MAX_TOOL_STEPS:
-                raise EngineError(f"the model still called {call.name} after {MAX_TOOL_STEPS} tool calls")
-            record = run_call(call, DEMO_FUNCTIONS)
-            calls += 1
-            history[-1] = tool_message(record)
-            yield history, GENERATING
-            text, role = observation_text(record.result), "observation"
-
-    def _stream(self, tab: Tab, session: ChatSession, text: str, role: str, answer: dict[str, Any],
-                history: list[dict[str, Any]]) -> Iterator[tuple[Any, Any]]:
-        """Stream one reply into ``answer``; a reply that may be a tool call is held back whole."""
-        raw, shown_at = "", 0.0
-        for chunk in session.send(text, role):
-            if tab.stop_requested:  # Stop pressed before send() began listening
+    def _converse(self, tab: Tab, session: ChatSession, message: str, history: list[dict[str, Any]]
+                  ) -> Generator[tuple[Any, Any], None, tuple[ReplyStats | None, int]]:
+        """Stream the replies into ``history``, running the demo tools while the model calls them (each call
+        shown with its result); return the last reply's statistics and the number of calls."""
+        answer: dict[str, Any] = {"role": "assistant", "content": ""}
+        history.append(answer)
+        stats, calls, shown_at = None, 0, 0.0
+        for item in stream_tool_loop(session, message, DEMO_FUNCTIONS, MAX_TOOL_STEPS):
+            if tab.stop_requested:  # Stop pressed before the reply began
                 session.cancel()
-            raw += chunk
-            if session.tools and not raw.startswith("\n"):
-                continue
-            answer["content"] = raw.removeprefix("\n")  # GLM-4 answers begin with "\n"
-            if time.monotonic() - shown_at >= STREAM_INTERVAL_S and tab.session is session:
-                shown_at = time.monotonic()
+            if isinstance(item, ToolCallRecord):
+                calls += 1
+                history[-1] = tool_message(item)
+                answer = {"role": "assistant", "content": ""}
+                history.append(answer)
+                shown_at = 0.0
+            else:
+                answer["content"] += item.text
+                stats = item.stats or stats
+            if tab.session is session and time.monotonic() - shown_at >= STREAM_INTERVAL_S:
+                shown_at = time.monotonic()  # at most ~20 page updates a second
                 yield history, GENERATING
+        return stats, calls
 
     def stop(self, request: gr.Request) -> None:
         """Stop this browser session's reply (never another's)."""

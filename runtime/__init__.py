@@ -4,7 +4,7 @@
     engine = runtime.load("build/glm4-tiny-int4", device="CPU")
     session = runtime.ChatSession(engine, system="Answer briefly.")
     for chunk in session.send("What is the capital of France?"):
-        print(chunk, end="", flush=True)
+        print(chunk.text, end="", flush=True)  # the last chunk also has finish_reason, stats, reply
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime.engine import (ChatSession, DeviceError, Engine, EngineError, GenerationOptions, ModelLoadError,
-                            PromptTooLongError, ReplyStats)
-from runtime.tools import ToolCallRecord, ToolLoopResult, ToolStepsExceeded, run_tool_loop
+                            PromptTooLongError, ReplyChunk, ReplyStats)
+from runtime.tools import ToolCallRecord, ToolLoopResult, ToolStepsExceeded, run_tool_loop, stream_tool_loop
 
 __all__ = ["BACKENDS", "ChatSession", "DeviceError", "Engine", "EngineError", "GenerationOptions", "ModelLoadError",
-           "PromptTooLongError", "ReplyStats", "ToolCallRecord", "ToolLoopResult", "ToolStepsExceeded", "load",
-           "run_tool_loop"]
+           "PromptTooLongError", "ReplyChunk", "ReplyStats", "ToolCallRecord", "ToolLoopResult", "ToolStepsExceeded",
+           "load", "run_tool_loop", "stream_tool_loop"]
 
 
 BACKENDS = ("openvino", "ipex")

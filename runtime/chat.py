@@ -19,7 +19,7 @@ from typing import Any, Callable, TextIO
 
 import runtime
 from chat_format import function_of
-from runtime.engine import ChatSession, EngineError, GenerationOptions
+from runtime.engine import ChatSession, EngineError, GenerationOptions, ReplyChunk, ReplyStats
 from runtime.openvino_engine import CACHE_DIR_HELP
 from runtime.textio import InputLines, use_utf8_output
 
@@ -85,27 +85,21 @@ def read_tools(path: str) -> list[dict]:
     return tools
 
 
-def format_stats(session: ChatSession) -> str:
-    s = session.last_stats
-    if s is None:
+def format_stats(stats: ReplyStats | None) -> str:
+    if stats is None:
         return "no reply yet"
-    return (f"[{s.finish_reason}; prompt {s.prompt_tokens} tokens, generated {s.generated_tokens}, "
-            f"first token {s.ttft_s * 1000:.0f} ms, {s.tokens_per_s:.1f} tokens/s]")
+    return (f"[{stats.finish_reason}; prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens}, "
+            f"first token {stats.ttft_s * 1000:.0f} ms, {stats.tokens_per_s:.1f} tokens/s]")
 
 
-def stream_reply(session: ChatSession, text: str, role: str, write: Callable[[str], None]) -> None:
-    """Stream a reply without GLM-4's leading newline; a possible tool call is held back whole."""
-    held, started = "", False
+def stream_reply(session: ChatSession, text: str, role: str, write: Callable[[str], None]) -> ReplyChunk:
+    """Write a reply as it streams (a tool call is never written as text); return its last chunk."""
     for chunk in session.send(text, role):
-        if not started:
-            held += chunk
-            if not held or (session.tools and not held.startswith("\n")):
-                continue  # nothing yet, or perhaps a tool call: wait for the end
-            started, chunk = True, held[1:] if held.startswith("\n") else held
-        write(chunk)
-    last = session.last
-    if not started and last is not None and (last.tool_call is None or last.malformed):
-        write(last.text)
+        if chunk.text:
+            write(chunk.text)
+        if chunk.finish_reason is not None:
+            return chunk
+    raise EngineError("the reply ended without its last chunk")
 
 
 def one_line(error: BaseException) -> str:
@@ -119,7 +113,7 @@ def chat(session: ChatSession, lines: TextIO | InputLines, out: TextIO, piped: b
 
     A failed turn prints one error line (piped: on ``err``, and an empty reply line on ``out``).
     """
-    failures = 0
+    failures, stats = 0, None
 
     def write(chunk: str) -> None:
         out.write(chunk.replace("\n", "\\n") if piped else chunk)
@@ -145,14 +139,14 @@ def chat(session: ChatSession, lines: TextIO | InputLines, out: TextIO, piped: b
                 session.system = argument or None
                 session.reset()
             elif command == "/stats":
-                out.write(format_stats(session) + "\n")
+                out.write(format_stats(stats) + "\n")
             else:
                 out.write(HELP + "\n")
             continue
         if not text.strip():
             continue
         try:
-            stream_reply(session, text, role, write)
+            last = stream_reply(session, text, role, write)
         except (EngineError, ValueError) as error:
             failures += 1
             if piped:
@@ -162,7 +156,8 @@ def chat(session: ChatSession, lines: TextIO | InputLines, out: TextIO, piped: b
             else:
                 out.write("\n" + one_line(error) + "\n")
             continue
-        call = session.last.tool_call if session.last and not session.last.malformed else None
+        stats = last.stats
+        call = last.reply.tool_call if last.reply and not last.reply.malformed else None
         if call is not None:
             out.write(f"tool_call {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
             role = "observation"
@@ -170,7 +165,7 @@ def chat(session: ChatSession, lines: TextIO | InputLines, out: TextIO, piped: b
             role = "user"
         out.write("\n")
         if show_stats:
-            out.write(format_stats(session) + "\n")
+            out.write(format_stats(stats) + "\n")
         out.flush()
     return failures
 

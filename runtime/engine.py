@@ -1,8 +1,8 @@
 """The Engine protocol every backend implements, and the chat session built on it.
 
 An engine turns prompt token ids into a stream of text chunks; the session owns the history,
-renders it with the model's own chat template (:mod:`chat_format`), trims it to the engine's prompt budget, and parses
-replies into text or tool calls. Backends never see GLM-4's format.
+renders it with the model's own chat template (:mod:`chat_format`), trims it to the engine's prompt
+budget, and decodes replies into text or tool calls. Backends never see GLM-4's format.
 """
 
 from __future__ import annotations
@@ -123,6 +123,21 @@ def trim_history(engine: Engine, history: list[Message], tools: Sequence[dict] |
 
 
 @dataclass
+class ReplyChunk:
+    """A piece of a streamed reply, as :meth:`ChatSession.send` yields it.
+
+    ``text`` is what to show now: an answer without GLM-4's leading newline; a tool call is never
+    shown as text. The last chunk of a reply also carries ``finish_reason`` (stop, length,
+    tool_calls or cancelled), ``stats``, and ``reply``: the whole reply, text or a tool call.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    stats: ReplyStats | None = None
+    reply: Reply | None = None
+
+
+@dataclass
 class ChatSession:
     """A multi-turn conversation with one engine: system prompt, tools, history."""
 
@@ -131,8 +146,6 @@ class ChatSession:
     tools: list[dict[str, Any]] | None = None
     options: GenerationOptions = field(default_factory=GenerationOptions)
     history: list[Message] = field(default_factory=list)
-    last: Reply | None = None
-    last_stats: ReplyStats | None = None
 
     def __post_init__(self) -> None:
         self._cancel = threading.Event()
@@ -143,13 +156,12 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (system prompt and tools stay)."""
         self.history.clear()
-        self.last, self.last_stats = None, None
 
     def cancel(self) -> None:
         """Stop the reply being generated (safe from another thread)."""
         self._cancel.set()
 
-    def send(self, text: str, role: str = "user") -> Iterator[str]:
+    def send(self, text: str, role: str = "user") -> Iterator[ReplyChunk]:
         """Add a user message (or a tool result with role ``observation``) and stream the reply."""
         if role not in ("user", "observation"):
             raise ValueError("send() takes user messages and observations")
@@ -158,22 +170,23 @@ class ChatSession:
         self.options.validate()
         return self._stream({"role": role, "content": text})
 
-    def send_tool_result(self, result: Any) -> Iterator[str]:
+    def send_tool_result(self, result: Any) -> Iterator[ReplyChunk]:
         """Return a tool's result (any JSON value or text) to the model and stream its reply."""
         return self.send(result if isinstance(result, str) else json.dumps(result, ensure_ascii=False),
                          role="observation")
 
-    def _stream(self, message: Message) -> Iterator[str]:
-        """Generate on a worker thread and hand its chunks over as they come.
+    def _stream(self, message: Message) -> Iterator[ReplyChunk]:
+        """Generate on a worker thread and hand its text over as it comes.
 
         The engine hears a cancel() at its next chunk (openvino-genai streams from its own thread,
-        so it may run a few tokens further); chunks not yet handed over when cancel() is called are
-        dropped, and a cancelled reply, in the result and the history, is what the consumer received.
+        so it may run a few tokens further); text generated after cancel() is dropped, and a
+        cancelled reply, in the last chunk and the history, is what was generated before it. A
+        stream closed before its end leaves the history as it was.
         """
         pending = self.messages() + [message]
         kept, ids = trim_history(self.engine, pending, self.tools)
         self._cancel.clear()
-        delivered: list[str] = []
+        decoder = chat_format.ReplyDecoder([chat_format.function_of(t)["name"] for t in self.tools or []])
         queue: list[str] = []
         result: dict[str, Any] = {}
         ready = threading.Condition()
@@ -201,28 +214,27 @@ class ChatSession:
                     chunk = queue.pop(0) if queue else None
                 if chunk is None:
                     break
-                if not self._cancel.is_set():
-                    delivered.append(chunk)
-                    yield chunk
+                if not self._cancel.is_set() and (visible := decoder.feed(chunk)):
+                    yield ReplyChunk(visible)
         finally:
             if worker.is_alive():
                 self._cancel.set()
             worker.join()
         if "error" in result:
             raise result["error"]
-        self._finish(kept, result["done"], "".join(delivered))
+        yield self._finish(kept, result["done"], decoder)
 
-    def _finish(self, kept: list[Message], generation: Generation, delivered: str) -> None:
-        system_count = 1 if self.system else 0
-        self.history = kept[system_count:]
-        text = generation.text
-        if self._cancel.is_set() and not (delivered == text and generation.stats.finish_reason == "stop"):
-            text, generation.stats.finish_reason = delivered, "cancelled"
-        reply = chat_format.parse_reply(text, [chat_format.function_of(t)["name"] for t in self.tools or []])
-        if reply.tool_call and not reply.malformed and generation.stats.finish_reason != "cancelled":
-            generation.stats.finish_reason = "tool_calls"
+    def _finish(self, kept: list[Message], generation: Generation, decoder: chat_format.ReplyDecoder) -> ReplyChunk:
+        """Record the reply in the history and describe it in the last chunk."""
+        self.history = kept[1:] if self.system else kept
+        stats = generation.stats
+        if self._cancel.is_set() and not (decoder.raw == generation.text and stats.finish_reason == "stop"):
+            stats.finish_reason = "cancelled"
+        rest, reply = decoder.finish()
+        if reply.tool_call and not reply.malformed and stats.finish_reason != "cancelled":
+            stats.finish_reason = "tool_calls"
         if reply.tool_call and reply.tool_call.raw_arguments:  # replayed as generated, even when unusable
             self.history.append(chat_format.tool_call_message(reply.tool_call))
         elif reply.text:
             self.history.append({"role": "assistant", "content": reply.text})
-        self.last, self.last_stats = reply, generation.stats
+        return ReplyChunk(rest, stats.finish_reason, stats, reply)

@@ -259,7 +259,7 @@ class IPEXEngine:
         config = model.config
         # transformers falls back to the checkpoint's stop ids when none are given: ignore_eos stops on an id
         # past the vocabulary instead, which is never generated.
-        self._never = int(getattr(config, "vocab_size", None) or getattr(config, "padded_vocab_size"))
+        self._never = int(getattr(config, "vocab_size", None) or config.padded_vocab_size)
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", 8192))
         self.max_prompt_tokens = max(self.context - min_response_len, 1)
 

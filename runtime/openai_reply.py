@@ -1,9 +1,7 @@
 """GLM-4 reply text, chunk by chunk, as OpenAI chat-completion messages and stream chunks.
 
-A GLM-4 answer starts with ``\\n`` (dropped here); a tool call starts with the tool's name, so
-when tools are declared a reply that does not start with ``\\n`` is held back until it ends and is
-then parsed with :func:`chat_format.parse_reply`. Stop strings end the answer before
-them; text that could be the start of one is held back until it cannot.
+:class:`chat_format.ReplyDecoder` decides what may be shown (leading newline, tool calls held back
+whole, stop strings); this module only puts that into OpenAI's shapes.
 """
 
 from __future__ import annotations
@@ -12,68 +10,38 @@ import time
 import uuid
 from typing import Any, Sequence
 
-from chat_format import parse_reply
+from chat_format import ReplyDecoder
 
 
 class ReplyAssembler:
     """Feeds on reply text and hands out OpenAI deltas: ``{"content": ...}`` or ``{"tool_calls": [...]}``."""
 
     def __init__(self, tool_names: Sequence[str] = (), stop: Sequence[str] = (), keep_newline: bool = False) -> None:
-        self.tool_names, self.stops = list(tool_names), list(stop)
-        self.mode = "plain" if keep_newline else "start"
-        self.held = ""
+        self.decoder = ReplyDecoder(tool_names, stop, keep_newline)
         self.content = ""
         self.tool_call: dict[str, Any] | None = None
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has ended the answer: nothing more is taken."""
+        return self.decoder.stopped
 
     def feed(self, chunk: str) -> list[dict[str, Any]]:
-        """Deltas to send for ``chunk``; after a stop string, nothing more is taken."""
-        if self.stopped or not chunk:
-            return []
-        self.held += chunk
-        if self.mode == "start":
-            if self.tool_names and not self.held.startswith("\n"):
-                self.mode = "call"
-            else:
-                self.mode, self.held = "plain", self.held.removeprefix("\n")
-        return [] if self.mode == "call" else self._release(final=False)
+        """Deltas to send for ``chunk``."""
+        return self._content(self.decoder.feed(chunk))
 
     def finish(self) -> list[dict[str, Any]]:
-        """Deltas still held back once generation has ended."""
-        if self.stopped:
-            return []
-        if self.mode != "call":
-            return self._release(final=True)
-        reply = parse_reply(self.held, self.tool_names)
+        """Deltas still held back once generation has ended: the rest of the answer, or the tool call."""
+        rest, reply = self.decoder.finish()
         if reply.tool_call and not reply.malformed:
-            self.held = ""
             self.tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                              "function": {"name": reply.tool_call.name,
-                                           "arguments": reply.tool_call.raw_arguments}}
+                              "function": {"name": reply.tool_call.name, "arguments": reply.tool_call.raw_arguments}}
             return [{"tool_calls": [dict(self.tool_call, index=0)]}]
-        self.held = reply.text  # not a usable call: it is the answer
-        return self._release(final=True)
+        return self._content(rest)
 
-    def _release(self, final: bool) -> list[dict[str, Any]]:
-        text = self.held
-        hits = [text.find(stop) for stop in self.stops if stop in text]
-        if hits:
-            text, self.stopped = text[:min(hits)], True
-        elif not final:
-            text = text[:len(text) - self._partial_stop(text)]
-        self.held = self.held[len(text):] if not self.stopped else ""
+    def _content(self, text: str) -> list[dict[str, Any]]:
         self.content += text
         return [{"content": text}] if text else []
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
     def finish_reason(self, engine_reason: str) -> str:
         return "tool_calls" if self.tool_call else "stop" if self.stopped else engine_reason

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from chat_format import ToolCall
-from runtime.engine import ChatSession, EngineError
+from runtime.engine import ChatSession, EngineError, ReplyChunk
 
 
 @dataclass
@@ -54,30 +54,45 @@ class ToolStepsExceeded(EngineError):
         self.calls, self.pending = calls, pending
 
 
-def run_tool_loop(session: ChatSession, user_text: str, functions: Mapping[str, Callable[..., Any]],
-                  max_steps: int = 5) -> ToolLoopResult:
-    """Send ``user_text``, run each tool call the model makes, send the result back, and repeat.
+def stream_tool_loop(session: ChatSession, user_text: str, functions: Mapping[str, Callable[..., Any]],
+                     max_steps: int = 5) -> Iterator[ReplyChunk | ToolCallRecord]:
+    """Send ``user_text``, run each tool call the model makes, send the result back, and repeat, yielding
+    every reply's chunks and, after each call has run, its :class:`ToolCallRecord`.
 
     Functions are called with the call's JSON arguments as keyword arguments; their return value
     (any JSON-serialisable value, or text) becomes the observation. A call to a name missing from
     ``functions``, arguments that are not a JSON object, or a function that raises are reported
     to the model as ``{"error": "..."}`` and the loop goes on; they never raise here. At most
     ``max_steps`` calls are run: one more raises :class:`ToolStepsExceeded`. A cancelled reply
-    ends the loop with the text received so far.
+    ends the loop.
     """
     if max_steps < 0:
         raise ValueError("max_steps must be 0 or more")
     calls: list[ToolCallRecord] = []
-    _drain(session.send(user_text))
+    chunks = session.send(user_text)
     while True:
-        reply, stats = session.last, session.last_stats
-        if reply is None or reply.tool_call is None or (stats and stats.finish_reason == "cancelled"):
-            return ToolLoopResult(reply.text if reply else "", calls)
+        last = None
+        for last in chunks:
+            yield last
+        if last is None or last.reply is None or last.reply.tool_call is None or last.finish_reason == "cancelled":
+            return
         if len(calls) >= max_steps:
-            raise ToolStepsExceeded(max_steps, calls, reply.tool_call)
-        record = run_call(reply.tool_call, functions)
-        calls.append(record)
-        _drain(session.send_tool_result(observation_text(record.result)))
+            raise ToolStepsExceeded(max_steps, calls, last.reply.tool_call)
+        calls.append(run_call(last.reply.tool_call, functions))
+        yield calls[-1]
+        chunks = session.send_tool_result(observation_text(calls[-1].result))
+
+
+def run_tool_loop(session: ChatSession, user_text: str, functions: Mapping[str, Callable[..., Any]],
+                  max_steps: int = 5) -> ToolLoopResult:
+    """:func:`stream_tool_loop` to its end: the final answer (what was received, if cancelled) and the calls."""
+    result = ToolLoopResult("", [])
+    for item in stream_tool_loop(session, user_text, functions, max_steps):
+        if isinstance(item, ToolCallRecord):
+            result.calls.append(item)
+        elif item.reply is not None:
+            result.text = item.reply.text
+    return result
 
 
 def run_call(call: ToolCall, functions: Mapping[str, Callable[..., Any]]) -> ToolCallRecord:
@@ -98,8 +113,3 @@ def run_call(call: ToolCall, functions: Mapping[str, Callable[..., Any]]) -> Too
 def observation_text(result: Any) -> str:
     """A tool result as observation text: strings as they are, anything else as JSON."""
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-
-
-def _drain(chunks: Iterable[str]) -> None:
-    for _ in chunks:
-        pass

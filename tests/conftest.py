@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,13 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
         return None
     runs_here = WITHOUT_OPENVINO + (("test_runtime.py",) if config.getoption("backend") == "ipex" else ())
     return True if collection_path.name not in runs_here else None
+
+
+def drain(stream) -> tuple[str, Any]:
+    """A reply streamed by ChatSession.send: its visible text, and its last chunk (finish reason, stats, reply)."""
+    chunks = list(stream)
+    assert chunks and chunks[-1].finish_reason is not None, chunks
+    return "".join(chunk.text for chunk in chunks), chunks[-1]
 
 
 def free_port() -> int:

@@ -17,9 +17,9 @@ import pytest
 import runtime
 from models.evaluate import load_eval
 from chat_format import Reply
-from runtime.engine import ChatSession, Engine, GenerationOptions, conversation_ids
+from runtime.engine import ChatSession, Engine, GenerationOptions, ReplyChunk, conversation_ids
 from runtime.ipex_engine import cpu_flags, pick_dtype
-from tests.conftest import TINY
+from tests.conftest import TINY, drain
 
 ITEMS = load_eval(TINY / "eval.jsonl")
 ALLOWED_DROP = {"int8": 0.005, "int4": 0.02,  # accuracy points below FP32 transformers
@@ -33,7 +33,7 @@ class Turn:
     """One eval item run through a fresh ChatSession."""
 
     item: dict[str, Any]
-    chunks: list[str]
+    chunks: list[ReplyChunk]
     reply: Reply
     finish_reason: str
     prompt_tokens: int
@@ -57,8 +57,9 @@ def run_item(engine: Engine, item: dict[str, Any]) -> Turn:
     last = messages[-1]
     ids = conversation_ids(engine, messages, item.get("tools"))
     chunks = list(session.send(last["content"], role=last["role"]))
-    assert session.last is not None and session.last_stats is not None
-    return Turn(item, chunks, session.last, session.last_stats.finish_reason, session.last_stats.prompt_tokens, ids)
+    end = chunks[-1]
+    assert end.reply is not None and end.stats is not None and all(c.finish_reason is None for c in chunks[:-1])
+    return Turn(item, chunks, end.reply, end.finish_reason, end.stats.prompt_tokens, ids)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -109,10 +110,10 @@ def test_eval_prompts_and_tool_turns_are_well_formed(eval_turns) -> None:
 def test_streamed_chunks_join_to_the_reply_without_broken_characters(eval_turns) -> None:
     chinese = 0
     for turn in eval_turns:
-        joined = "".join(turn.chunks)
+        joined = "".join(chunk.text for chunk in turn.chunks)
         assert "\ufffd" not in joined, turn.chunks
-        plain = turn.reply.tool_call is None
-        assert joined == ("\n" + turn.reply.text if plain else reply_as_expected(turn.reply)), turn.chunks
+        plain = turn.reply.tool_call is None or turn.reply.malformed
+        assert joined == (turn.reply.text if plain else ""), turn.chunks  # a tool call is never shown as text
         chinese += plain and not turn.reply.text.isascii()
     assert chinese >= 40  # fact_zh, tool answers and system_language items answer in Chinese
 
@@ -121,38 +122,39 @@ def test_cancel_after_the_second_chunk_stops_generation(engine) -> None:
     question = FACT_EN["messages"][0]["content"]
     session = ChatSession(engine, options=LONG)
     full = list(session.send(question))
-    assert session.last_stats.finish_reason == "length" and session.last_stats.generated_tokens == 200
-    assert len(full) > 50 and "".join(full).startswith("\n" + FACT_EN["expected"])
+    assert (full[-1].finish_reason, full[-1].stats.generated_tokens) == ("length", 200)
+    assert len(full) > 50 and "".join(c.text for c in full).startswith(FACT_EN["expected"])
 
     session.reset()
-    received: list[str] = []
+    received: list[ReplyChunk] = []
     for chunk in session.send(question):
         received.append(chunk)
         if len(received) == 2:
             session.cancel()
-    stats = session.last_stats
-    shown = len(engine.encode("".join(received)))
-    print(f"\ncancelled after {shown} tokens shown; the engine generated {stats.generated_tokens}")
-    assert stats.finish_reason == "cancelled"
-    assert len(received) == 2  # nothing is handed over after cancel()
+    shown, end = "".join(c.text for c in received), received[-1]
+    print(f"\ncancelled after {len(engine.encode(shown))} tokens shown; the engine generated "
+          f"{end.stats.generated_tokens}")
+    assert end.finish_reason == "cancelled"
+    assert len(received) == 3 and end.text == ""  # after cancel() only the last chunk, with nothing to show
     # openvino-genai streams from its own thread, so it runs a few tokens past the cancel (5 when idle,
     # up to 14 seen on a loaded 2-core machine), against 200 without it.
-    assert stats.generated_tokens <= shown + 20
-    assert session.history[-1] == {"role": "assistant", "content": "".join(received)[1:]}  # what was shown
+    assert end.stats.generated_tokens <= len(engine.encode(shown)) + 20
+    assert session.history[-1] == {"role": "assistant", "content": shown} == {"role": "assistant",
+                                                                             "content": end.reply.text}
 
     session.options = GenerationOptions(max_new_tokens=200)
-    answer = "".join(session.send(question))
-    assert answer == "\n" + FACT_EN["expected"] and session.last_stats.finish_reason == "stop"
+    answer, end = drain(session.send(question))
+    assert answer == FACT_EN["expected"] and end.finish_reason == "stop"
 
 
 def test_min_new_tokens_and_ignore_eos_lengthen_a_reply(engine) -> None:
     question = FACT_EN["messages"][0]["content"]
     session = ChatSession(engine, options=GenerationOptions(max_new_tokens=64, min_new_tokens=40))
-    text = "".join(session.send(question))
-    assert session.last_stats.generated_tokens >= 40 and len(text) > len(FACT_EN["expected"])
+    text, end = drain(session.send(question))
+    assert end.stats.generated_tokens >= 40 and len(text) > len(FACT_EN["expected"])
     session = ChatSession(engine, options=GenerationOptions(max_new_tokens=64, ignore_eos=True))
-    assert "".join(session.send(question)).startswith("\n" + FACT_EN["expected"])
-    assert (session.last_stats.generated_tokens, session.last_stats.finish_reason) == (64, "length")
+    text, end = drain(session.send(question))
+    assert text.startswith(FACT_EN["expected"]) and (end.stats.generated_tokens, end.finish_reason) == (64, "length")
     with pytest.raises(ValueError, match="min_new_tokens must be from 0 to max_new_tokens"):
         list(ChatSession(engine, options=GenerationOptions(max_new_tokens=4, min_new_tokens=5)).send(question))
 
@@ -165,7 +167,7 @@ def test_leaving_the_stream_early_stops_generation_and_keeps_the_session_usable(
     assert session.history == []  # an abandoned turn is not recorded
     item = next(i for i in ITEMS if i["kind"] == "fact_zh")
     session.options = GenerationOptions(max_new_tokens=200)
-    assert "".join(session.send(item["messages"][0]["content"])) == "\n" + item["expected"]
+    assert drain(session.send(item["messages"][0]["content"]))[0] == item["expected"]
 
 
 def weather_service(item: dict[str, Any]) -> dict[str, Any]:
@@ -227,3 +229,17 @@ def test_tool_loop_over_max_steps_raises_a_typed_error(engine) -> None:
                               max_steps=0)
     assert caught.value.calls == [] and f"{caught.value.pending.name}\n{caught.value.pending.raw_arguments}" \
         == item["expected"]
+
+
+def test_the_streamed_tool_loop_yields_each_call_between_the_replies(engine) -> None:
+    item = next(i for i in ITEMS if i["kind"] == "tool_answer")
+    session = ChatSession(engine, tools=item["tools"], options=GenerationOptions(max_new_tokens=48))
+    steps = list(runtime.stream_tool_loop(session, item["messages"][0]["content"], weather_service(item)))
+    records = [n for n, step in enumerate(steps) if isinstance(step, runtime.ToolCallRecord)]
+    ends = [n for n, step in enumerate(steps) if not isinstance(step, runtime.ToolCallRecord) and step.finish_reason]
+    assert len(records) == 1 and ends == [records[0] - 1, len(steps) - 1]
+    call_reply = steps[records[0] - 1]
+    assert call_reply.finish_reason == "tool_calls" and call_reply.reply.tool_call.name == steps[records[0]].name
+    assert all(step.text == "" for step in steps[:records[0]])  # the call itself is never shown as text
+    answer = "".join(step.text for step in steps[records[0] + 1:])
+    assert answer == steps[-1].reply.text and steps[-1].finish_reason == "stop"
