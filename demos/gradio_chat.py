@@ -27,7 +27,7 @@ import gradio as gr
 import runtime
 from runtime.chat import one_line
 from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, ReplyStats
-from runtime.openvino_engine import CACHE_DIR_HELP
+from runtime.cli import add_model_arguments
 from runtime.tools import ToolCallRecord, ToolStepsExceeded, observation_text, stream_tool_loop
 
 log = logging.getLogger(__name__)
@@ -300,13 +300,10 @@ def gradio_chat(model_dir: str | Path, device: str = "CPU", backend: str = "open
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demos.gradio_chat",
                                      description="Chat with a converted GLM-4 model in the browser.")
-    parser.add_argument("--model", required=True, help="folder written by python -m convert")
-    parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
-    parser.add_argument("--backend", default="openvino", help="inference backend (default openvino)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--cache-dir", default="default", help=CACHE_DIR_HELP)
     return parser
 
 
@@ -314,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=r".*Gradio 6\.0", category=DeprecationWarning)  # 5.x -> 6 notices
     try:
-        gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share, args.cache_dir)
+        gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share,
+                    "default" if args.cache_dir is None else args.cache_dir)
     except (EngineError, OSError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """Benchmark converted GLM-4 models: load time, first token, decode speed, memory, roofline.
 
-    python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --new-tokens 128
+    python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --max-new-tokens 128
     python -m runtime.bench --model build/shape-int8 transformers:build/glm4-shape-4l ipex:build/glm4-shape-4l
 
-A folder may name its backend (``openvino:``, ``transformers:``, ``transformers-bf16:``, ``ipex:``,
-``ipex-fp32:``, ``ipex-bf16:``); ``--backend`` is the default. Each model folder is measured in a child process of
+A folder may name its runner (``openvino:``, ``transformers:``, ``transformers-bf16:``, ``ipex:``,
+``ipex-fp32:``, ``ipex-bf16:``); ``--runner`` is the default. Each model folder is measured in a child process of
 its own, so its peak RSS and its cold load are its own; IPEX children run under the Xeon
 environment's Python (``--ipex-python``, default .venv-xeon/bin/python). Decode speed is set
 against the machine's memory bandwidth, measured in the same run: at batch 1 every generated
@@ -29,9 +29,9 @@ from typing import Any
 from chat_format import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16")
+RUNNERS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16")
 
-FIELDS = ("model", "backend", "device", "cpu", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
+FIELDS = ("model", "runner", "device", "cpu", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
           "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
           "weight_bytes_per_token", "bandwidth_bytes_per_s", "decode_ceiling_tokens_per_s", "ceiling_fraction")
 
@@ -197,7 +197,7 @@ def measure_ipex(folder: str, dtype: str, threads: int, lengths: list[int], new_
     engine = IPEXEngine(folder, dtype=dtype, threads=threads)
     load = time.perf_counter() - start
     rows = time_torch_model(engine.model, engine.tokenizer, load, lengths, new_tokens, runs)
-    return [dict(row, backend=f"ipex-{engine.dtype}") for row in rows]
+    return [dict(row, runner=f"ipex-{engine.dtype}") for row in rows]
 
 
 def time_torch_model(model: Any, tokenizer: Any, load_s: float, lengths: list[int], new_tokens: int,
@@ -228,13 +228,13 @@ def time_torch_model(model: Any, tokenizer: Any, load_s: float, lengths: list[in
     return [dict(row, load_cold_s=load_s, load_warm_s=None, weight_bytes_per_token=weights) for row in rows]
 
 
-def measure(backend: str, folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
+def measure(runner: str, folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
             runs: int) -> list[dict[str, Any]]:
-    """All measurements of one model folder with one backend (inside the child process)."""
-    if backend.startswith("transformers"):
-        return measure_transformers(folder, threads, lengths, new_tokens, runs, bf16=backend.endswith("bf16"))
-    if backend.startswith("ipex"):
-        return measure_ipex(folder, backend.partition("-")[2] or "auto", threads, lengths, new_tokens, runs)
+    """All measurements of one model folder with one runner (inside the child process)."""
+    if runner.startswith("transformers"):
+        return measure_transformers(folder, threads, lengths, new_tokens, runs, bf16=runner.endswith("bf16"))
+    if runner.startswith("ipex"):
+        return measure_ipex(folder, runner.partition("-")[2] or "auto", threads, lengths, new_tokens, runs)
     return measure_openvino(folder, device, threads, lengths, new_tokens, runs)
 
 
@@ -270,10 +270,10 @@ def run_child(python: str, arguments: dict[str, Any]) -> tuple[list[dict[str, An
     return result["rows"], result["peak_rss"]
 
 
-def split_model(spec: str, default_backend: str) -> tuple[str, str]:
-    """``BACKEND:FOLDER`` or a plain folder (measured with ``default_backend``)."""
-    backend, colon, folder = spec.partition(":")
-    return (backend, folder) if colon and backend in BACKENDS else (default_backend, spec)
+def split_model(spec: str, default_runner: str) -> tuple[str, str]:
+    """``RUNNER:FOLDER`` or a plain folder (measured with ``default_runner``)."""
+    runner, colon, folder = spec.partition(":")
+    return (runner, folder) if colon and runner in RUNNERS else (default_runner, spec)
 
 
 def default_ipex_python() -> str:
@@ -281,22 +281,22 @@ def default_ipex_python() -> str:
     return str(ROOT / ".venv-xeon" / "bin" / "python")
 
 
-def bench(models: list[str], backend: str = "openvino", device: str = "CPU", threads: int | None = None,
+def bench(models: list[str], runner: str = "openvino", device: str = "CPU", threads: int | None = None,
           lengths: tuple[int, ...] = (32, 256, 1024), new_tokens: int = 128, runs: int = 3,
           ipex_python: str | None = None) -> list[dict[str, Any]]:
-    """Measure every model folder (``BACKEND:FOLDER`` picks its backend); one row per (model, prompt length)."""
+    """Measure every model folder (``RUNNER:FOLDER`` picks its runner); one row per (model, prompt length)."""
     threads = threads or os.cpu_count() or 1
     bandwidth = memory_bandwidth(threads=threads)
     results = []
     for spec in models:
-        model_backend, folder = split_model(spec, backend)
-        python = (ipex_python or default_ipex_python()) if model_backend.startswith("ipex") else sys.executable
-        rows, rss = run_child(python, {"backend": model_backend, "folder": folder, "device": device, "threads": threads,
+        model_runner, folder = split_model(spec, runner)
+        python = (ipex_python or default_ipex_python()) if model_runner.startswith("ipex") else sys.executable
+        rows, rss = run_child(python, {"runner": model_runner, "folder": folder, "device": device, "threads": threads,
                                        "lengths": list(lengths), "new_tokens": new_tokens, "runs": runs})
         for row in rows:
             decode = 1.0 / row["tpot_s"] if row["tpot_s"] else 0.0
             ceiling = bandwidth / row["weight_bytes_per_token"]
-            results.append({"model": Path(folder).name, "backend": model_backend, "device": device,
+            results.append({"model": Path(folder).name, "runner": model_runner, "device": device,
                             "cpu": cpu_description(), "threads": threads,
                             "new_tokens": new_tokens, "peak_rss_bytes": rss, "bandwidth_bytes_per_s": bandwidth,
                             "prefill_tokens_per_s": row["prompt_tokens"] / row["ttft_s"],
@@ -306,12 +306,12 @@ def bench(models: list[str], backend: str = "openvino", device: str = "CPU", thr
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("model", "backend", "prompt", "load cold/warm s", "TTFT ms", "TPOT ms", "prefill tok/s",
+    header = ("model", "runner", "prompt", "load cold/warm s", "TTFT ms", "TPOT ms", "prefill tok/s",
               "decode tok/s", "ceiling tok/s", "of ceiling", "peak RSS GiB")
     lines = [header]
     for r in rows:
         warm = f"{r['load_warm_s']:.2f}" if r["load_warm_s"] is not None else "-"
-        lines.append((r["model"], r["backend"], str(r["prompt_tokens"]), f"{r['load_cold_s']:.2f}/{warm}",
+        lines.append((r["model"], r["runner"], str(r["prompt_tokens"]), f"{r['load_cold_s']:.2f}/{warm}",
                       f"{r['ttft_s'] * 1000:.1f}", f"{r['tpot_s'] * 1000:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
                       f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_ceiling_tokens_per_s']:.1f}",
                       f"{r['ceiling_fraction']:.0%}", f"{r['peak_rss_bytes'] / 2**30:.2f}"))
@@ -327,8 +327,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(f"{r['model']} ({r['backend']})" for r in rows):
-        mine = [r for r in rows if f"{r['model']} ({r['backend']})" == name]
+    for name in dict.fromkeys(f"{r['model']} ({r['runner']})" for r in rows):
+        mine = [r for r in rows if f"{r['model']} ({r['runner']})" == name]
         lengths = [r["prompt_tokens"] for r in mine]
         left.plot(lengths, [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
         right.plot(lengths, [r["prefill_tokens_per_s"] for r in mine], marker="o", label=name)
@@ -344,16 +344,17 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", required=True, help="[BACKEND:]FOLDER ...: converted folders (openvino), "
+    parser.add_argument("--model", nargs="+", required=True, help="[RUNNER:]FOLDER ...: converted folders (openvino), "
                         "HF checkpoints (transformers, transformers-bf16, ipex, ipex-fp32, ipex-bf16)")
-    parser.add_argument("--backend", choices=BACKENDS, default="openvino",
-                        help="backend of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16)")
+    parser.add_argument("--runner", choices=RUNNERS, default="openvino",
+                        help="runner of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16)")
     parser.add_argument("--ipex-python", help="Python of the Xeon environment for ipex models "
                         "(default .venv-xeon/bin/python)")
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--prompt-lengths", default="32,256,1024", help="comma-separated prompt lengths in tokens")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", dest="new_tokens", type=int, default=128,
+                        help="tokens generated per run, exactly: the stop tokens are passed over (default 128)")
     parser.add_argument("--runs", type=int, default=3, help="measured runs per length (median), after one warm-up")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write a PNG plot of tokens/s against prompt length here")
@@ -367,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         if min(lengths) < 4 or args.new_tokens < 2 or args.runs < 1:
             raise ValueError
     except ValueError:
-        print("error: --prompt-lengths must be integers >= 4, --new-tokens >= 2, --runs >= 1", file=sys.stderr)
+        print("error: --prompt-lengths must be integers >= 4, --max-new-tokens >= 2, --runs >= 1", file=sys.stderr)
         return 2
-    missing = [m for m in args.model if not Path(split_model(m, args.backend)[1]).is_dir()]
+    missing = [m for m in args.model if not Path(split_model(m, args.runner)[1]).is_dir()]
     if missing:
         print(f"error: no such model folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        rows = bench(args.model, args.backend, args.device, args.threads, lengths, args.new_tokens, args.runs,
+        rows = bench(args.model, args.runner, args.device, args.threads, lengths, args.new_tokens, args.runs,
                      args.ipex_python)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)

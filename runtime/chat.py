@@ -20,7 +20,7 @@ from typing import Any, Callable, TextIO
 import runtime
 from chat_format import function_of
 from runtime.engine import ChatSession, EngineError, GenerationOptions, ReplyChunk, ReplyStats
-from runtime.openvino_engine import CACHE_DIR_HELP
+from runtime.cli import add_max_new_tokens, add_model_arguments
 from runtime.textio import InputLines, use_utf8_output
 
 HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
@@ -28,14 +28,8 @@ HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.chat", description="Chat with a converted GLM-4 model.")
-    parser.add_argument("--model", required=True, help="folder written by python -m convert (--backend ipex: the "
-                        "Hugging Face checkpoint folder)")
-    parser.add_argument("--backend", choices=runtime.BACKENDS, default="openvino",
-                        help="openvino (default), or ipex: PyTorch with intel-extension-for-pytorch on a Xeon, in the "
-                        "environment make venv-xeon creates")
-    parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
+    add_model_arguments(parser)
     parser.add_argument("--threads", type=int, help="CPU inference threads (default: the library's choice)")
-    parser.add_argument("--cache-dir", help="--backend openvino: " + CACHE_DIR_HELP)
     ipex = parser.add_argument_group("--backend ipex only")
     ipex.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
                       help="auto (default): bf16 where the CPU has AVX-512 BF16 or AMX, else fp32")
@@ -45,7 +39,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                       help="run the checkpoint's own Python code (the original glm-4-9b-chat needs it)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--tools", help="JSON file with a list of OpenAI-style function tools")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    add_max_new_tokens(parser, 512, "longest reply in tokens")
     parser.add_argument("--min-new-tokens", type=int, default=0,
                         help="shortest reply: the stop tokens cannot be chosen before it (default 0)")
     parser.add_argument("--ignore-eos", action="store_true",

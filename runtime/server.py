@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from chat_format import TemplateError
 from runtime.engine import EngineError, conversation_ids
-from runtime.openvino_engine import CACHE_DIR_HELP
+from runtime.cli import add_max_new_tokens, add_model_arguments
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
 from runtime.serving import RESERVED_FOR_REPLY, Job, JobResult, QueueFull, Scheduler, load_scheduler
@@ -38,69 +38,45 @@ MAX_BODY_BYTES = 8 * 2**20
 log = logging.getLogger("runtime.server")
 
 
-def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | None = None,
-               default_max_tokens: int = 1024) -> Any:
-    """The FastAPI application serving ``scheduler``'s model under its folder name."""
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
-        yield
-        scheduler.close()
+class ChatService:
+    """The OpenAI API over one scheduler: requests checked and encoded, run as jobs, answered in OpenAI's shapes."""
 
-    app = FastAPI(title="glm4-intel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    model = scheduler.name
+    def __init__(self, scheduler: Scheduler, checker: GrammarChecker, api_key: str | None = None,
+                 max_new_tokens: int = 1024) -> None:
+        self.scheduler, self.checker, self.api_key = scheduler, checker, api_key
+        self.max_new_tokens, self.model = max_new_tokens, scheduler.name
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, error.detail)
-        return JSONResponse(ApiError(error.status_code, message).body(), status_code=error.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(ApiError(400, f"invalid request: {error.errors()}").body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(ApiError(500, "internal server error; see the server log").body(), status_code=500)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "missing or incorrect API key; send Authorization: Bearer KEY", None,
                            "invalid_api_key")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model, "device": scheduler.device, **scheduler.status()}
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model, "device": self.scheduler.device, **self.scheduler.status()}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "glm4-intel"}]}
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.authorize(request)
+        return {"object": "list",
+                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "glm4-intel"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        authorize(request)
-        chat = parse_chat_request(await read_json(request), model)
-        job, events, reply_id = await prepare(chat)
+    async def chat_completions(self, request: Request) -> Any:
+        self.authorize(request)
+        chat = parse_chat_request(await read_json(request), self.model)
+        job, events, reply_id = await self.prepare(chat)
         try:
-            scheduler.submit(job)
+            self.scheduler.submit(job)
         except QueueFull as error:
             raise ApiError(429, str(error), None, "rate_limit_exceeded") from None
         if chat.stream:
-            return JobStream(job, stream(events, chat, reply_id))
-        return await collect(request, job, events, reply_id)
+            return JobStream(job, self.stream(events, chat, reply_id))
+        return await self.collect(request, job, events, reply_id)
 
-    async def prepare(chat: ChatRequest) -> tuple[Job, asyncio.Queue, str]:
+    async def prepare(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue, str]:
         """Encode the prompt, check its length and grammar, and build the job that reports to a queue."""
+        scheduler = self.scheduler
         try:
             ids = await asyncio.to_thread(conversation_ids, scheduler, chat.messages, chat.tools)
         except TemplateError as error:  # e.g. tools for a model whose template declares none
@@ -110,17 +86,10 @@ def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | Non
                            f"{scheduler.max_prompt_tokens}; shorten the messages", "messages",
                            "context_length_exceeded")
         room = scheduler.max_prompt_tokens + RESERVED_FOR_REPLY - len(ids)
-        chat.options.max_new_tokens = min(chat.max_tokens or default_max_tokens, room)
+        chat.options.max_new_tokens = min(chat.max_tokens or self.max_new_tokens, room)
         chat.options.min_new_tokens = min(chat.options.min_new_tokens, chat.options.max_new_tokens)
         if chat.json_schema is not None or chat.forced:
-            param = "response_format" if chat.json_schema is not None else "tool_choice"
-            key, config = json_schema_config(chat.json_schema) if chat.json_schema is not None \
-                else tool_call_config(chat.forced or [])
-            try:
-                await asyncio.to_thread(checker.check, key, config)
-            except GrammarError as error:
-                raise ApiError(400, f"{param}: the schema cannot be used: {error}", param) from None
-            chat.options.structured_output = config
+            chat.options.structured_output = await self.grammar(chat)
         assembler = ReplyAssembler(chat.tool_names(), chat.stop, keep_newline=chat.json_schema is not None)
         reply_id = new_id()
         events: asyncio.Queue = asyncio.Queue()
@@ -150,27 +119,39 @@ def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | Non
 
         return Job(ids, chat.options, on_text, on_done), events, reply_id
 
-    async def stream(events: asyncio.Queue, chat: ChatRequest, reply_id: str) -> AsyncIterator[str]:
+    async def grammar(self, chat: ChatRequest) -> Any:
+        """The structured-output config of a JSON schema or a forced tool call, compiled on the stand-in first."""
+        param = "response_format" if chat.json_schema is not None else "tool_choice"
+        key, config = json_schema_config(chat.json_schema) if chat.json_schema is not None \
+            else tool_call_config(chat.forced or [])
+        try:
+            await asyncio.to_thread(self.checker.check, key, config)
+        except GrammarError as error:
+            raise ApiError(400, f"{param}: the schema cannot be used: {error}", param) from None
+        return config
+
+    async def stream(self, events: asyncio.Queue, chat: ChatRequest, reply_id: str) -> AsyncIterator[str]:
         """The reply as server-sent events; deltas that queued up meanwhile go out as one."""
-        yield sse(chunk(reply_id, model, {"role": "assistant", "content": ""}))
+        yield sse(chunk(reply_id, self.model, {"role": "assistant", "content": ""}))
         while True:
             items = [await events.get()]
             while not events.empty():
                 items.append(events.get_nowait())
             for delta in merge([d for kind, value in items if kind == "deltas" for d in value]):
-                yield sse(chunk(reply_id, model, delta))
+                yield sse(chunk(reply_id, self.model, delta))
             if items[-1][0] == "done":  # always the last item a job posts
                 break
         result, assembler = items[-1][1]
         if result.finish_reason == "error":
             yield sse(ApiError(503, result.error or "generation failed").body())
         else:
-            yield sse(chunk(reply_id, model, {}, assembler.finish_reason(result.finish_reason)))
+            yield sse(chunk(reply_id, self.model, {}, assembler.finish_reason(result.finish_reason)))
             if chat.include_usage:
-                yield sse(chunk(reply_id, model, None, usage_of=usage(result.prompt_tokens, result.generated_tokens)))
+                yield sse(chunk(reply_id, self.model, None,
+                                usage_of=usage(result.prompt_tokens, result.generated_tokens)))
         yield "data: [DONE]\n\n"
 
-    async def collect(request: Request, job: Job, events: asyncio.Queue, reply_id: str) -> Any:
+    async def collect(self, request: Request, job: Job, events: asyncio.Queue, reply_id: str) -> Any:
         """Wait for the whole reply (the job posts only "done"), cancelling it if the client leaves."""
         try:
             while True:
@@ -184,12 +165,51 @@ def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | Non
                 raise ApiError(503, result.error or "generation failed")
             if result.finish_reason == "cancelled":
                 raise ApiError(400, "the client disconnected")
-            return completion(reply_id, model, assembler, assembler.finish_reason(result.finish_reason),
+            return completion(reply_id, self.model, assembler, assembler.finish_reason(result.finish_reason),
                               result.prompt_tokens, result.generated_tokens)
         finally:
             job.cancel()
 
+
+def create_app(scheduler: Scheduler, checker: GrammarChecker, api_key: str | None = None,
+               max_new_tokens: int = 1024) -> Any:
+    """The FastAPI application serving ``scheduler``'s model under its folder name."""
+    service = ChatService(scheduler, checker, api_key, max_new_tokens)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="glm4-intel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     return app
+
+
+async def api_error(_: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    message = {404: f"no route {request.method} {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, error.detail)
+    return JSONResponse(ApiError(error.status_code, message).body(), status_code=error.status_code)
+
+
+async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    return JSONResponse(ApiError(400, f"invalid request: {error.errors()}").body(), status_code=400)
+
+
+async def server_error(_: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    return JSONResponse(ApiError(500, "internal server error; see the server log").body(), status_code=500)
 
 
 class JobStream(StreamingResponse):
@@ -243,9 +263,7 @@ async def read_json(request: Request) -> Any:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="folder written by python -m convert")
-    parser.add_argument("--device", default="CPU", help="CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)")
-    parser.add_argument("--backend", choices=("openvino",), default="openvino")
+    add_model_arguments(parser, backends=("openvino",))
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("GLM4_INTEL_API_KEY"),
@@ -255,22 +273,21 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=("auto", "batch", "serial"), default="auto",
                         help="auto: continuous batching on CPU/GPU, serial on NPU")
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="KV-cache memory for continuous batching")
-    parser.add_argument("--cache-dir", default="default", help=CACHE_DIR_HELP)
-    parser.add_argument("--default-max-tokens", type=int, default=1024,
-                        help="reply limit when a request sets no max_tokens")
+    add_max_new_tokens(parser, 1024, "reply limit when a request sets no max_tokens")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    if args.max_concurrency < 1 or args.max_queue < 0 or args.kv_cache_gb < 1 or args.default_max_tokens < 1:
-        print("error: --max-concurrency >= 1, --max-queue >= 0, --kv-cache-gb >= 1 and --default-max-tokens >= 1 "
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.kv_cache_gb < 1 or args.max_new_tokens < 1:
+        print("error: --max-concurrency >= 1, --max-queue >= 0, --kv-cache-gb >= 1 and --max-new-tokens >= 1 "
               "are required", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return serve(args.model, args.device, args.host, args.port, args.api_key, args.max_concurrency,
-                     args.max_queue, args.scheduler, args.kv_cache_gb, args.default_max_tokens, args.cache_dir)
+                     args.max_queue, args.scheduler, args.kv_cache_gb, args.max_new_tokens,
+                     "default" if args.cache_dir is None else args.cache_dir)
     except EngineError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
@@ -278,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 64, scheduler: str = "auto", kv_cache_gb: int = 2,
-          default_max_tokens: int = 1024, cache_dir: str | None = "default") -> int:
+          max_new_tokens: int = 1024, cache_dir: str | None = "default") -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
@@ -286,7 +303,7 @@ def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: in
     for note in engine.notes:
         log.warning("%s", note)
     checker = GrammarChecker(Path(model_dir), engine.tokenizer)
-    app = create_app(engine, checker, api_key, default_max_tokens)
+    app = create_app(engine, checker, api_key, max_new_tokens)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", host)
     log.info("serving %s on %s (%s, %d at once, queue %d) at http://%s:%d/v1", engine.name, engine.device,

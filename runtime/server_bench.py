@@ -4,7 +4,8 @@
 
 Each of N client threads sends ``--requests`` streamed chat requests one after another; the level's
 aggregate rate is every completion token (as the server's usage reports it) over the level's wall
-time. Replies end at ``--max-tokens`` or where the model stops, so pick a prompt with long answers.
+time. Every reply is ``--max-new-tokens`` long (the request sets vLLM's ``ignore_eos``, which this
+project's server honours), so levels compare the same work whatever the model would answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from runtime.cli import add_max_new_tokens
 
 DEFAULT_PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
@@ -33,7 +36,7 @@ def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> Sample
     start = time.perf_counter()
     first, tokens = None, 0
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_tokens, stream=True,
+                                            max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True},
                                             stream_options={"include_usage": True})
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -106,7 +109,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model name (default: the first the server lists)")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--requests", type=int, default=2, help="requests per stream at each level")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    add_max_new_tokens(parser, 128, "tokens in every reply")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     return parser
 
@@ -115,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
         levels = [int(x) for x in args.concurrency.split(",")]
-        if min(levels) < 1 or args.requests < 1 or args.max_tokens < 1:
+        if min(levels) < 1 or args.requests < 1 or args.max_new_tokens < 1:
             raise ValueError
     except ValueError:
-        print("error: --concurrency takes positive integers (1,4,8,16); --requests and --max-tokens >= 1",
+        print("error: --concurrency takes positive integers (1,4,8,16); --requests and --max-new-tokens >= 1",
               file=sys.stderr)
         return 2
     import openai
@@ -132,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = []
     for streams in levels:
-        rows.append(run_level(args.url, args.api_key, model, streams, args.requests, args.prompt, args.max_tokens))
+        rows.append(run_level(args.url, args.api_key, model, streams, args.requests, args.prompt, args.max_new_tokens))
         print(f"{streams} streams: {rows[-1]['aggregate_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    print(f"{model} at {args.url}, {args.requests} requests per stream, max_tokens {args.max_tokens}")
+    print(f"{model} at {args.url}, {args.requests} requests per stream, max_tokens {args.max_new_tokens}")
     print(format_table(rows))
     failures = [r["first_failure"] for r in rows if r["failed"]]
     if failures:

@@ -9,16 +9,16 @@ from tests.conftest import TINY, run_module
 
 
 def test_openvino_and_transformers_benchmarks_write_every_field(tmp_path, tiny_int4) -> None:
-    for backend, model in (("openvino", tiny_int4), ("transformers", TINY)):
-        out, png = tmp_path / f"{backend}.json", tmp_path / f"{backend}.png"
-        result = run_module("runtime.bench", "--model", str(model), "--backend", backend, "--prompt-lengths", "16,48",
-                            "--new-tokens", "8", "--runs", "1", "--threads", "2", "--json", str(out), "--plot", str(png))
+    for runner, model in (("openvino", tiny_int4), ("transformers", TINY)):
+        out, png = tmp_path / f"{runner}.json", tmp_path / f"{runner}.png"
+        result = run_module("runtime.bench", "--model", str(model), "--runner", runner, "--prompt-lengths", "16,48",
+                            "--max-new-tokens", "8", "--runs", "1", "--threads", "2", "--json", str(out), "--plot", str(png))
         assert result.returncode == 0, result.stderr[-2000:]
         rows = json.loads(out.read_text(encoding="utf-8"))
         assert [r["prompt_tokens"] for r in rows] == [16, 48]
         for row in rows:
             assert set(row) == set(FIELDS)
-            assert row["backend"] == backend and row["new_tokens"] == 8 and row["threads"] == 2
+            assert row["runner"] == runner and row["new_tokens"] == 8 and row["threads"] == 2
             assert 0 < row["ttft_s"] < 60 and 0 < row["tpot_s"] < 10 and row["load_cold_s"] > 0
             assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
             assert 1e8 < row["bandwidth_bytes_per_s"] < 1e13  # 0.1 GB/s to 10 TB/s

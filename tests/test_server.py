@@ -359,3 +359,15 @@ def test_malformed_bodies_and_routes_get_4xx(server) -> None:
     # bad schemas never reached the shared pipeline: it still answers
     assert ask(server.client(), first("fact_en")).choices[0].message.content == first("fact_en")["expected"]
     assert server.health()["errors"] == 0
+
+
+def test_the_load_benchmark_measures_fixed_length_replies(server) -> None:
+    from tests.conftest import run_module
+
+    result = run_module("runtime.server_bench", "--url", server.url, "--concurrency", "1,2", "--requests", "1",
+                        "--max-new-tokens", "24", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 streams:" in result.stderr and "2 streams:" in result.stderr
+    assert f"{MODEL} at {server.url}, 1 requests per stream, max_tokens 24" in result.stdout
+    table = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [(row[0], row[2], row[-1]) for row in table] == [("1", "24", "0"), ("2", "48", "0")]  # every reply 24 tokens
