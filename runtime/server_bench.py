@@ -106,7 +106,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.server_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (python -m runtime.server)")
     parser.add_argument("--api-key", default="none", help="the server's API key, if it has one")
-    parser.add_argument("--model", help="model name (default: the first the server lists)")
+    parser.add_argument("--model-name", help="the served model's name (default: the first the server lists)")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated numbers of concurrent streams")
     parser.add_argument("--requests", type=int, default=2, help="requests per stream at each level")
     add_max_new_tokens(parser, 128, "tokens in every reply")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import openai
 
     try:
-        model = args.model or served_model(args.url, args.api_key)
+        model = args.model_name or served_model(args.url, args.api_key)
         one_request(openai.OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0),
                     model, args.prompt, 8)  # warm-up
     except openai.OpenAIError as error:

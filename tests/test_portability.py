@@ -33,5 +33,6 @@ def test_the_check_finds_an_unguarded_use() -> None:
 
 def test_posix_only_features_are_guarded() -> None:
     files = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
-    offenders = [f"{path.relative_to(ROOT)}:{line}" for path in files for line in unguarded(path.read_text(encoding="utf-8"))]
+    offenders = [f"{path.relative_to(ROOT)}:{line}" for path in files
+                 for line in unguarded(path.read_text(encoding="utf-8"))]
     assert not offenders, "\n".join(offenders)

@@ -48,8 +48,8 @@ def test_special_token_strings_in_untrusted_text_stay_ordinary_text(engine) -> N
     assert engine.tokenizer.decode(ids, skip_special_tokens=False).count(HOSTILE) == 3
 
     # Without the defence, the engine's tokenizer turns every one of them into a control token.
-    naive = [int(i) for i in engine.tokenizer.encode(engine.template.render(messages, WEATHER), add_special_tokens=False)
-             .input_ids.data[0]]
+    rendered = engine.template.render(messages, WEATHER)
+    naive = [int(i) for i in engine.tokenizer.encode(rendered, add_special_tokens=False).input_ids.data[0]]
     naive_control = [control[i] for i in naive if i in control]
     assert set(naive_control) == set(SPECIAL_TOKENS)
     assert naive_control.count("<|assistant|>") == 2 + 3 * 2

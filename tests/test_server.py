@@ -198,7 +198,8 @@ def stream_client(server: Server, item: dict[str, Any], leave_after: int | None,
     try:
         client = server.client(timeout=60)
         start.wait(timeout=30)
-        stream = ask(client, item, stream=True, **({"max_tokens": LEAVER_MAX_TOKENS, **TO_LIMIT} if leave_after else {}))
+        limit = {"max_tokens": LEAVER_MAX_TOKENS, **TO_LIMIT} if leave_after else {}
+        stream = ask(client, item, stream=True, **limit)
         text, seen = "", 0
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
