@@ -261,12 +261,12 @@ def test_auto_dtype_and_quantize_fallback_note_through_the_chat_cli() -> None:
 def test_benchmark_measures_the_ipex_backend(tmp_path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "runtime.bench", "--model", f"ipex-fp32:{TINY}", "--ipex-python",
-                             sys.executable, "--prompt-lengths", "16", "--new-tokens", "8", "--runs", "1", "--threads",
+                             sys.executable, "--prompt-lengths", "16", "--max-new-tokens", "8", "--runs", "1", "--threads",
                              "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = json.loads(out.read_text(encoding="utf-8"))
-    assert (row["backend"], row["model"], row["prompt_tokens"], row["new_tokens"]) == ("ipex-fp32", "glm4-tiny", 16, 8)
+    assert (row["runner"], row["model"], row["prompt_tokens"], row["new_tokens"]) == ("ipex-fp32", "glm4-tiny", 16, 8)
     assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0 and row["load_cold_s"] > 0
     assert 1e6 < row["weight_bytes_per_token"] < 1e8 and 2**20 < row["peak_rss_bytes"] < 2**34
     assert "ipex-fp32" in result.stdout
