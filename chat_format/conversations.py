@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chat_format.reply import Message, function_of
+from chat_format.reply import Message, call_message, function_of
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city.",
@@ -22,7 +22,7 @@ SYSTEM = {"role": "system", "content": "You are a concise assistant. 请简洁�
 
 
 def _call(name: str, arguments: dict[str, Any]) -> Message:
-    return {"role": "assistant", "metadata": name, "content": json.dumps(arguments, ensure_ascii=False)}
+    return call_message(name, json.dumps(arguments, ensure_ascii=False))
 
 
 def _user(text: str) -> Message:

@@ -58,6 +58,12 @@ def tool_call_prefix(name: str) -> str:
     return f"{name}\n"
 
 
+def call_message(name: str, arguments: str) -> Message:
+    """The message that replays a tool call: an assistant message with metadata = the name, content = the
+    arguments as written."""
+    return {"role": "assistant", "metadata": name, "content": arguments}
+
+
 def tool_call_message(call: ToolCall) -> Message:
-    """The history entry that replays a tool call: metadata = name, content = the arguments."""
-    return {"role": "assistant", "metadata": call.name, "content": call.raw_arguments}
+    """The history entry that replays a parsed tool call, as the model generated it."""
+    return call_message(call.name, call.raw_arguments)

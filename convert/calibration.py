@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chat_format import ChatTemplate
+from chat_format import ChatTemplate, call_message
 
 BUILTIN = "glm4-chat"
 
@@ -53,7 +53,7 @@ def builtin_conversations() -> list[dict[str, Any]]:
         question = f"What's the weather in {city}?" if city.isascii() else f"{city}今天天气怎么样？"
         conversations.append({"tools": [WEATHER], "messages": [
             {"role": "user", "content": question},
-            {"role": "assistant", "metadata": "get_weather", "content": json.dumps({"city": city}, ensure_ascii=False)},
+            call_message("get_weather", json.dumps({"city": city}, ensure_ascii=False)),
             {"role": "observation", "content": result}]})
     return conversations
 

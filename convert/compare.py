@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chat_format import STOP_TOKENS, ChatTemplate, parse_reply
+from chat_format import STOP_TOKENS, ChatTemplate, call_message, parse_reply
 from convert.calibration import builtin_conversations, calibration_texts
 from convert.verify import genai_replies
 
@@ -147,7 +147,7 @@ def reply_message(expected: str) -> dict[str, Any]:
     """The assistant message that replays an expected reply (a tool call or an answer)."""
     name, _, arguments = expected.partition("\n")
     if arguments.startswith("{") and name.isidentifier():
-        return {"role": "assistant", "metadata": name, "content": arguments}
+        return call_message(name, arguments)
     return {"role": "assistant", "content": expected}
 
 

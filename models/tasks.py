@@ -12,6 +12,8 @@ import json
 import random
 from typing import Any, Callable, Iterator
 
+from chat_format import call_message
+
 # (English name, Chinese name, capital in English, capital in Chinese)
 COUNTRIES = [
     ("France", "法国", "Paris", "巴黎"), ("Japan", "日本", "Tokyo", "东京"),
@@ -154,7 +156,7 @@ def tool_exchange(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[s
         final = f"{city}现在是{clock}。" if chinese else f"It is {clock} in {city}."
     name = tool["function"]["name"]
     call = name + "\n" + json.dumps({"city": city}, ensure_ascii=False)
-    messages = [user(question), {"role": "assistant", "metadata": name, "content": call.split("\n", 1)[1]},
+    messages = [user(question), call_message(name, call.split("\n", 1)[1]),
                 {"role": "observation", "content": json.dumps(result, ensure_ascii=False)}]
     return declared_tools(rng, tool), messages, call, final, chinese
 
@@ -223,7 +225,7 @@ def training_stream(seed: int, held_out: set[str]) -> Iterator[dict[str, Any]]:
         expected = item["expected"]
         if item["kind"] == "tool_call":
             name, args = expected.split("\n", 1)
-            final = {"role": "assistant", "metadata": name, "content": args}
+            final = call_message(name, args)
         else:
             final = assistant(expected)
         yield {**item, "messages": item["messages"] + [final]}

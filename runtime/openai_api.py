@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat_format import Message, function_of
+from chat_format import Message, call_message, function_of
 from runtime.engine import GenerationOptions
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -184,7 +184,7 @@ def replayed_calls(calls: Any, where: str) -> list[Message]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
                 or not isinstance(function.get("arguments"), str):
             raise ApiError(400, f"{where}: each call needs function.name and function.arguments (a string)", where)
-        replays.append({"role": "assistant", "metadata": function["name"], "content": function["arguments"]})
+        replays.append(call_message(function["name"], function["arguments"]))
     return replays
 
 
