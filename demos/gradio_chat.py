@@ -26,8 +26,8 @@ import gradio as gr
 
 import runtime
 from runtime.chat import one_line
-from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, ReplyStats
-from runtime.cli import add_model_arguments
+from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, PromptLookup, ReplyStats
+from runtime.cli import add_model_arguments, add_prompt_lookup_arguments, prompt_lookup_of
 from runtime.tools import ToolCallRecord, ToolStepsExceeded, observation_text, stream_tool_loop
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def stats_line(stats: ReplyStats | None, calls: int) -> str:
                                                                                   stats.finish_reason)
     parts = [f"first token {stats.ttft_s * 1000:.0f} ms", f"{stats.tokens_per_s:.1f} tokens/s",
              f"{stats.generated_tokens} tokens", finish]
+    if stats.tokens_per_step > 1:  # prompt lookup accepted drafts
+        parts.insert(2, f"{stats.tokens_per_step:.2f} tokens/step")
     if calls:
         parts.append(f"after {calls} tool call{'s' if calls > 1 else ''}")
     return " · ".join(parts)
@@ -234,8 +236,9 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
     sampling = supports_sampling(engine.device)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts: offline
     with gr.Blocks(title="GLM-4 chat", theme=theme, analytics_enabled=False) as demo:
+        lookup = " · **prompt lookup** on" if getattr(engine, "prompt_lookup", None) else ""
         gr.Markdown(f"## GLM-4 chat\n**model** {engine.name} · **precision** {precision(Path(model_dir))} · "
-                    f"**device** {engine.device}", elem_id="model-info")
+                    f"**device** {engine.device}{lookup}", elem_id="model-info")
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(type="messages", label="Conversation", height=460, allow_tags=True,
@@ -280,12 +283,14 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
 
 
 def gradio_chat(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", host: str = "127.0.0.1",
-                port: int | None = None, share: bool = False, cache_dir: str = "default") -> None:
+                port: int | None = None, share: bool = False, cache_dir: str = "default",
+                prompt_lookup: PromptLookup | None = None) -> None:
     """Load the model, serve the chat page, print its URL and block until interrupted.
 
     Raises EngineError when the model cannot be loaded and OSError when the port is taken.
     """
-    engine = runtime.load(model_dir, device, backend, **({"cache_dir": cache_dir} if backend == "openvino" else {}))
+    openvino_only = {"cache_dir": cache_dir, "prompt_lookup": prompt_lookup} if backend == "openvino" else {}
+    engine = runtime.load(model_dir, device, backend, **openvino_only)
     for note in getattr(engine, "notes", []):
         print(f"note: {note}", file=sys.stderr, flush=True)
     demo = build_demo(engine, model_dir)
@@ -301,6 +306,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demos.gradio_chat",
                                      description="Chat with a converted GLM-4 model in the browser.")
     add_model_arguments(parser)
+    add_prompt_lookup_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*Gradio 6\.0", category=DeprecationWarning)  # 5.x -> 6 notices
     try:
         gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share,
-                    "default" if args.cache_dir is None else args.cache_dir)
+                    "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args))
     except (EngineError, OSError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2

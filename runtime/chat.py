@@ -20,7 +20,7 @@ from typing import Any, Callable, TextIO
 import runtime
 from chat_format import function_of
 from runtime.engine import ChatSession, EngineError, GenerationOptions, ReplyChunk, ReplyStats
-from runtime.cli import add_max_new_tokens, add_model_arguments
+from runtime.cli import add_max_new_tokens, add_model_arguments, add_prompt_lookup_arguments, prompt_lookup_of
 from runtime.textio import InputLines, use_utf8_output
 
 HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
@@ -50,6 +50,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stats", action="store_true", help="print statistics after every reply")
+    add_prompt_lookup_arguments(parser)
     return parser
 
 
@@ -58,12 +59,14 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"threads": args.threads} if args.threads else {}
     ipex_only = {"dtype": args.dtype, "quantize": args.quantize, "trust_remote_code": args.trust_remote_code}
     if args.backend == "ipex":
-        if args.cache_dir is not None:
-            raise ValueError("--cache-dir applies to --backend openvino only")
+        if args.cache_dir is not None or args.prompt_lookup:
+            raise ValueError("--cache-dir and --prompt-lookup apply to --backend openvino only")
         return {**options, **ipex_only, "dtype": args.dtype or "auto"}
     given = [f"--{name.replace('_', '-')}" for name, value in ipex_only.items() if value]
     if given:
         raise ValueError(f"{', '.join(given)} apply to --backend ipex only")
+    if args.prompt_lookup:
+        options["prompt_lookup"] = prompt_lookup_of(args)
     return {**options, "cache_dir": args.cache_dir} if args.cache_dir is not None else options
 
 
@@ -82,8 +85,9 @@ def read_tools(path: str) -> list[dict]:
 def format_stats(stats: ReplyStats | None) -> str:
     if stats is None:
         return "no reply yet"
+    step = f", {stats.tokens_per_step:.2f} tokens/step" if stats.tokens_per_step > 1 else ""
     return (f"[{stats.finish_reason}; prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens}, "
-            f"first token {stats.ttft_s * 1000:.0f} ms, {stats.tokens_per_s:.1f} tokens/s]")
+            f"first token {stats.ttft_s * 1000:.0f} ms, {stats.tokens_per_s:.1f} tokens/s{step}]")
 
 
 def stream_reply(session: ChatSession, text: str, role: str, write: Callable[[str], None]) -> ReplyChunk:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.engine import PromptLookup
 from runtime.openvino_engine import CACHE_DIR_HELP
 
 BACKENDS = ("openvino", "ipex")
@@ -25,3 +26,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, backends: tuple[str, ..
 def add_max_new_tokens(parser: argparse.ArgumentParser, default: int, help: str) -> None:
     """--max-new-tokens, the one name of the reply's token limit."""
     parser.add_argument("--max-new-tokens", type=int, default=default, help=f"{help} (default {default})")
+
+
+def add_prompt_lookup_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prompt-lookup and its two knobs (OpenVINO on CPU or GPU)."""
+    group = parser.add_argument_group("prompt-lookup decoding (copies drafts from the prompt; pays off when replies "
+                                      "quote the prompt: summaries, RAG answers, code edits)")
+    group.add_argument("--prompt-lookup", action="store_true", help="turn it on (greedy replies stay the same)")
+    group.add_argument("--num-assistant-tokens", type=int, default=5, help="longest draft per step (default 5)")
+    group.add_argument("--max-ngram-size", type=int, default=3,
+                       help="longest run of last tokens looked up in the prompt (default 3)")
+
+
+def prompt_lookup_of(args: argparse.Namespace) -> PromptLookup | None:
+    """The PromptLookup the arguments ask for, or None."""
+    if not args.prompt_lookup:
+        return None
+    lookup = PromptLookup(args.num_assistant_tokens, args.max_ngram_size)
+    lookup.validate()
+    return lookup

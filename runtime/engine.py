@@ -63,14 +63,34 @@ class GenerationOptions:
 
 
 @dataclass
+class PromptLookup:
+    """Prompt-lookup decoding: each step drafts up to ``num_assistant_tokens`` tokens by finding the last
+    ``max_ngram_size`` (or fewer) tokens earlier in the prompt and copying what followed them; the model
+    checks a whole draft in one pass, so text the reply copies from the prompt comes several tokens a step.
+    Greedy replies stay the same."""
+
+    num_assistant_tokens: int = 5
+    max_ngram_size: int = 3
+
+    def validate(self) -> None:
+        if self.num_assistant_tokens < 1 or self.max_ngram_size < 1:
+            raise ValueError("prompt lookup needs num_assistant_tokens >= 1 and max_ngram_size >= 1")
+
+
+@dataclass
 class ReplyStats:
-    """What one reply cost and why it ended (stop, length, tool_calls or cancelled)."""
+    """What one reply cost and why it ended (stop, length, tool_calls or cancelled).
+
+    ``tokens_per_step``: generated tokens per forward pass of the model; 1 without prompt lookup, more
+    when drafts copied from the prompt were accepted (0 when the engine cannot tell).
+    """
 
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
+    tokens_per_step: float = 0.0
 
 
 @dataclass

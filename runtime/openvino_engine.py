@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
-from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
+from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
+                            ReplyStats)
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
 IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -163,8 +164,10 @@ def special_token_id(encoder: GenAIEncoder, token: str) -> int:
         raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model") from None
 
 
-def apply_options(config: Any, options: GenerationOptions) -> Any:
-    """Set ``options`` on an openvino_genai.GenerationConfig and return it."""
+def apply_options(config: Any, options: GenerationOptions, lookup: PromptLookup | None = None) -> Any:
+    """Set ``options`` (and the prompt-lookup settings) on an openvino_genai.GenerationConfig and return it."""
+    if lookup is not None:
+        config.num_assistant_tokens, config.max_ngram_size = lookup.num_assistant_tokens, lookup.max_ngram_size
     config.max_new_tokens = options.max_new_tokens
     config.min_new_tokens, config.ignore_eos = options.min_new_tokens, options.ignore_eos
     config.do_sample = options.temperature > 0
@@ -184,16 +187,24 @@ class OpenVINOEngine:
 
     def __init__(self, model_dir: str | Path, device: str = "CPU", cache_dir: Path | None | str = "default",
                  threads: int | None = None, kv_cache_precision: str | None = None,
-                 max_prompt_len: int = 1024, min_response_len: int = 128) -> None:
+                 max_prompt_len: int = 1024, min_response_len: int = 128,
+                 prompt_lookup: PromptLookup | None = None) -> None:
         import openvino as ov
         import openvino_genai
 
         folder = Path(model_dir)
         check_model_dir(folder)
         device = device.upper()
+        if prompt_lookup is not None:
+            prompt_lookup.validate()
+            if device.startswith("NPU"):
+                raise DeviceError("prompt lookup runs on CPU and GPU, not on the NPU's static pipeline")
         check_device(device, ov.Core().available_devices)
         properties = device_properties(device, resolve_cache_dir(cache_dir), threads, kv_cache_precision,
                                        max_prompt_len, min_response_len)
+        if prompt_lookup is not None:
+            properties["prompt_lookup"] = True
+        self.prompt_lookup = prompt_lookup
         self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
                                                   properties, f"{folder} on {device}")
         self.tokenizer = self.pipeline.get_tokenizer()
@@ -212,7 +223,7 @@ class OpenVINOEngine:
         return special_token_id(self.encoder, token)
 
     def generation_config(self, options: GenerationOptions) -> Any:
-        return apply_options(self.pipeline.get_generation_config(), options)
+        return apply_options(self.pipeline.get_generation_config(), options, self.prompt_lookup)
 
     def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
                  on_text: Callable[[str], bool]) -> Generation:
@@ -220,9 +231,10 @@ class OpenVINOEngine:
         import openvino as ov
         import openvino_genai
 
-        def streamer(chunk: str) -> Any:
+        def on_chunk(chunk: str) -> Any:
             return openvino_genai.StreamingStatus.CANCEL if on_text(chunk) else openvino_genai.StreamingStatus.RUNNING
 
+        streamer = step_counting_streamer(self.tokenizer, on_chunk)
         tensor = ov.Tensor(np.array([list(prompt_ids)], dtype=np.int64))
         try:
             result = self.pipeline.generate(tensor, self.generation_config(options), streamer)
@@ -234,5 +246,26 @@ class OpenVINOEngine:
         finish = "stop" if tokens and tokens[-1] in self._stops and not options.ignore_eos else "length"
         stats = ReplyStats(finish_reason=finish, prompt_tokens=len(prompt_ids), generated_tokens=generated,
                            ttft_s=metrics.get_ttft().mean / 1000.0,
-                           tokens_per_s=metrics.get_throughput().mean if generated > 1 else 0.0)
+                           tokens_per_s=metrics.get_throughput().mean if generated > 1 else 0.0,
+                           tokens_per_step=generated / streamer.steps if streamer.steps else 0.0)
         return Generation(text=self.tokenizer.decode(tokens), stats=stats)
+
+
+def step_counting_streamer(tokenizer: Any, on_chunk: Callable[[str], Any]) -> Any:
+    """An openvino_genai streamer that hands whole characters to ``on_chunk`` (as TextStreamer does) and
+    counts the generation steps: each step writes the tokens it produced, several with accepted drafts."""
+    import openvino_genai
+
+    class Streamer(openvino_genai.StreamerBase):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text, self.steps = openvino_genai.TextStreamer(tokenizer, on_chunk), 0
+
+        def write(self, token: Any) -> Any:
+            self.steps += 1
+            return self.text.write(token)
+
+        def end(self) -> None:
+            self.text.end()
+
+    return Streamer()

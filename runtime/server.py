@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chat_format import TemplateError
-from runtime.engine import EngineError, conversation_ids
-from runtime.cli import add_max_new_tokens, add_model_arguments
+from runtime.engine import EngineError, PromptLookup, conversation_ids
+from runtime.cli import add_max_new_tokens, add_model_arguments, add_prompt_lookup_arguments, prompt_lookup_of
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
 from runtime.serving import RESERVED_FOR_REPLY, Job, JobResult, QueueFull, Scheduler, load_scheduler
@@ -274,6 +274,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="auto: continuous batching on CPU/GPU, serial on NPU")
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="KV-cache memory for continuous batching")
     add_max_new_tokens(parser, 1024, "reply limit when a request sets no max_tokens")
+    add_prompt_lookup_arguments(parser)
     return parser
 
 
@@ -287,19 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args.model, args.device, args.host, args.port, args.api_key, args.max_concurrency,
                      args.max_queue, args.scheduler, args.kv_cache_gb, args.max_new_tokens,
-                     "default" if args.cache_dir is None else args.cache_dir)
-    except EngineError as error:
+                     "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args))
+    except (EngineError, ValueError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
 
 
 def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 64, scheduler: str = "auto", kv_cache_gb: int = 2,
-          max_new_tokens: int = 1024, cache_dir: str | None = "default") -> int:
+          max_new_tokens: int = 1024, cache_dir: str | None = "default",
+          prompt_lookup: PromptLookup | None = None) -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb, cache_dir)
+    engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb, cache_dir,
+                            prompt_lookup)
     for note in engine.notes:
         log.warning("%s", note)
     checker = GrammarChecker(Path(model_dir), engine.tokenizer)

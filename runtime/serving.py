@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
-from runtime.engine import EngineError, GenerationOptions
+from runtime.engine import EngineError, GenerationOptions, PromptLookup
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, load_pipeline, resolve_cache_dir,
                                      special_token_id)
@@ -165,8 +165,11 @@ class BatchScheduler(Scheduler):
     kind = "continuous_batching"
 
     def __init__(self, folder: Path, device: str, properties: dict[str, Any], max_running: int, max_waiting: int,
-                 kv_cache_gb: int) -> None:
+                 kv_cache_gb: int, prompt_lookup: PromptLookup | None = None) -> None:
         super().__init__(folder.name, device, max_running, max_waiting)
+        self.prompt_lookup = prompt_lookup
+        if prompt_lookup is not None:
+            properties = {**properties, "prompt_lookup": True}
         self._folder, self._properties, self._kv_cache_gb = folder, properties, kv_cache_gb
         self.pipeline = self._build()
         self.tokenizer = self.pipeline.get_tokenizer()
@@ -228,7 +231,7 @@ class BatchScheduler(Scheduler):
             return openvino_genai.StreamingStatus.RUNNING
 
         try:
-            config = apply_options(self.pipeline.get_config(), job.options)
+            config = apply_options(self.pipeline.get_config(), job.options, self.prompt_lookup)
             run.handle = self.pipeline.add_request(next(self._ids), ov.Tensor(np.array([job.prompt_ids], np.int64)),
                                                    config)
         except Exception as error:  # a config the pipeline refuses
@@ -328,7 +331,8 @@ class SerialScheduler(Scheduler):
 
 
 def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = "auto", max_running: int = 16,
-                   max_waiting: int = 64, kv_cache_gb: int = 2, cache_dir: Path | None | str = "default") -> Scheduler:
+                   max_waiting: int = 64, kv_cache_gb: int = 2, cache_dir: Path | None | str = "default",
+                   prompt_lookup: PromptLookup | None = None) -> Scheduler:
     """Load a converted model for serving: continuous batching on CPU/GPU, serial on NPU (or when asked)."""
     import openvino as ov
 
@@ -338,6 +342,7 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
     check_device(device, ov.Core().available_devices)
     kind = scheduler if scheduler != "auto" else ("batch" if device.split(".")[0] in ("CPU", "GPU") else "serial")
     if kind == "serial":
-        return SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir), max_waiting)
+        return SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir, prompt_lookup=prompt_lookup),
+                               max_waiting)
     return BatchScheduler(folder, device, device_properties(device, resolve_cache_dir(cache_dir)), max_running,
-                          max_waiting, kv_cache_gb)
+                          max_waiting, kv_cache_gb, prompt_lookup)

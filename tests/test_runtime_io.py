@@ -226,3 +226,46 @@ def test_a_model_cache_that_cannot_be_used_is_left_out_with_a_note(tiny_int8: Pa
     assert default_cache_dir() is None
     monkeypatch.setenv("GLM4_INTEL_CACHE_DIR", str(tmp_path / "cache"))
     assert default_cache_dir() == tmp_path / "cache"
+
+
+def test_prompt_lookup_keeps_every_greedy_reply_and_accepts_drafts(engine, tiny_int8: Path) -> None:
+    from runtime.engine import GenerationOptions, PromptLookup
+
+    lookup = runtime.load(tiny_int8, "CPU", cache_dir=None, prompt_lookup=PromptLookup(5, 3))
+    options = GenerationOptions(max_new_tokens=48)
+    steps = []
+    for item in ITEMS:
+        ids = conversation_ids(engine, item["messages"], item.get("tools"))
+        plain, drafted = (e.generate(ids, options, lambda _: False) for e in (engine, lookup))
+        assert drafted.text == plain.text, item
+        assert drafted.stats.generated_tokens == plain.stats.generated_tokens and plain.stats.tokens_per_step == 1
+        steps.append(drafted.stats.tokens_per_step)
+    print(f"\nprompt lookup: {sum(steps) / len(steps):.2f} tokens per step over {len(steps)} eval replies")
+    assert sum(steps) / len(steps) > 1.05  # templated answers repeat what the prompt holds
+    with pytest.raises(DeviceError, match="not on the NPU"):
+        runtime.load(tiny_int8, "NPU", prompt_lookup=PromptLookup())
+    chat = run_module("runtime.chat", "--model", str(tiny_int8), "--prompt-lookup", "--stats",
+                      stdin=ITEMS[0]["messages"][0]["content"] + "\n")
+    assert chat.returncode == 0 and "tokens/s" in chat.stdout, chat.stderr[-2000:]
+    refused = run_module("runtime.chat", "--model", str(tiny_int8), "--prompt-lookup", "--num-assistant-tokens", "0",
+                         stdin="Hi\n")
+    assert refused.returncode == 2 and one_line_error(refused.stderr).endswith("max_ngram_size >= 1")
+
+
+def test_the_server_with_prompt_lookup_gives_the_greedy_replies(engine, tiny_int8: Path, tmp_path: Path) -> None:
+    from chat_format import parse_reply
+    from runtime.engine import GenerationOptions
+    from tests.server_process import start_server
+
+    servers = start_server(tiny_int8, tmp_path / "server.log", "--prompt-lookup", "--max-concurrency", "2")
+    server = next(servers)
+    try:
+        for item in [i for i in ITEMS if i["kind"] in ("fact_en", "fact_zh", "memory", "follow_up")][::10]:
+            reply = server.client().chat.completions.create(model=tiny_int8.name, messages=item["messages"],
+                                                            max_tokens=48)
+            ids = conversation_ids(engine, item["messages"], None)
+            plain = engine.generate(ids, GenerationOptions(max_new_tokens=48), lambda _: False)
+            assert reply.choices[0].message.content == parse_reply(plain.text).text
+            assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), plain.stats.generated_tokens)
+    finally:
+        servers.close()
