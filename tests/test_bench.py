@@ -48,3 +48,12 @@ def test_accuracy_table_for_one_recipe(tmp_path) -> None:
     assert abs(row["converted_exact_match"] - row["source_exact_match"]) <= 0.005
     assert row["top1_agreement"] > 0.95 and 0 <= row["mean_kl"] < 0.01
     assert run_module("convert.accuracy", "--model", str(TINY), "--recipes", "int3").returncode == 2
+
+
+def test_prompt_lookup_benchmark_compares_both_prompt_sets(tiny_int4) -> None:
+    result = run_module("runtime.lookup_bench", "--model", str(tiny_int4), "--runs", "1", "--max-new-tokens", "32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"ordinary", "grounded"}
+    assert all(row[-1] == "0%" for row in rows.values())  # greedy replies never change
+    assert float(rows["grounded"][4]) > float(rows["ordinary"][4])  # tokens per step: copying from the prompt pays
