@@ -14,12 +14,14 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from chat_format import BUILTIN_TEMPLATE, STOP_TOKENS, ChatTemplate, TemplateError
 from chat_format.genai import genai_template
 from convert.atomic import OutputError, abandon_staging, check_output, staged_output
+from convert.lora import LoraError, adapter_record, check_adapter_folder, merge_lora
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
 from convert.ovms import write_graph
@@ -106,7 +108,8 @@ def write_generation_config(output: Path, tokenizer: Any) -> None:
 def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_remote_code: bool = False,
             overwrite: bool = False, verify: bool = True, quiet: bool = False,
             on_stage: Callable[[str], None] | None = None, ovms_device: str | None = None,
-            allow_template_mismatch: bool = False) -> dict[str, Any]:
+            allow_template_mismatch: bool = False, lora: str | Path | None = None,
+            lora_scale: float = 1.0) -> dict[str, Any]:
     """Convert ``model`` into ``output`` atomically and return the manifest.
 
     Raises TemplateCheckError when a prompt of the converted model would differ from what the
@@ -134,12 +137,18 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
         placement = template.tools_placement  # a template that does not parse fails here, before the export
         exported = staging / ".export" if recipe.weight_format != "fp16" else staging
         report("export")
-        export_ir(source, exported, trust_remote_code, "fp16" if recipe.weight_format == "fp16" else None)
+        weights = source
+        if lora is not None:  # the adapter merged into a copy of the checkpoint, which is exported instead
+            weights = replace(source, path=str(staging / ".merged"), local=True)
+            merge_lora(source.path, lora, lora_scale, Path(weights.path), trust_remote_code)
+        export_ir(weights, exported, trust_remote_code, "fp16" if recipe.weight_format == "fp16" else None)
         if exported != staging:
             report("compress")
             calibration = calibration_texts(tokenizer, conversations) if conversations else None
-            compress_ir(exported, staging, recipe, source, calibration)
+            compress_ir(exported, staging, recipe, weights, calibration)
             shutil.rmtree(exported)
+        if weights is not source:
+            shutil.rmtree(weights.path)
         report("tokenizer")
         tokenizer.save_pretrained(staging)
         save_tokenizer_ir(tokenizer, staging, genai_template(template.source, placement))
@@ -152,6 +161,8 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
                                      f"{found.mismatches[0]}{more}; --allow-template-mismatch converts anyway")
         checks: dict[str, Any] = {"chat_template": {"source": "checkpoint" if own_template else "built-in (the "
                                                     "checkpoint has none)", **found.as_dict()}}
+        if lora is not None:
+            checks["lora_merged"] = adapter_record(lora, lora_scale)
         if verify:
             report("verify")
             checks["verify"] = verify_output(staging, Path(source.path) if source.local else None)
@@ -197,6 +208,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-template-mismatch", action="store_true",
                         help="convert even when a prompt rendered by the runtime or openvino-genai would differ from "
                              "the checkpoint's own chat template (recorded in manifest.json)")
+    parser.add_argument("--lora", metavar="ADAPTER_DIR",
+                        help="merge this PEFT LoRA adapter into the weights before converting (glm-4-9b-chat-hf and "
+                             "GLM-4-9B-0414 projection names; needs RAM for the checkpoint in its own precision)")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="scale of the merged adapter (default 1: as trained, lora_alpha / r)")
     parser.add_argument("--quiet", action="store_true", help="print only errors and the final line")
     return parser
 
@@ -212,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             load_conversations(args.dataset)
         resolve(args.model, args.trust_remote_code)
         check_output(args.output, args.overwrite)
-    except (RecipeError, SourceError, OutputError, TemplateError, ValueError) as error:
+        if args.lora is not None:
+            check_adapter_folder(args.lora)
+            if args.compare:
+                raise ValueError("--compare scores against the source as given; it cannot be combined with --lora")
+    except (RecipeError, SourceError, OutputError, TemplateError, LoraError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = nullcontext() if args.quiet else stage_bar()
@@ -221,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_output(args.quiet), progress as bar:
             manifest = convert(args.model, args.output, recipe, args.trust_remote_code, args.overwrite,
                                args.verify, args.quiet, on_stage=bar.stage if bar else None,
-                               ovms_device=args.ovms,
-                               allow_template_mismatch=args.allow_template_mismatch)
-    except OutputError as error:  # the output folder became unwritable, or is held open (Windows)
+                               ovms_device=args.ovms, allow_template_mismatch=args.allow_template_mismatch,
+                               lora=args.lora, lora_scale=args.lora_scale)
+    except (OutputError, LoraError) as error:  # the output is held open (Windows), or the adapter does not fit
         print(f"error: nothing was written: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # any library failure: one line, never a traceback

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ import gradio as gr
 import runtime
 from runtime.chat import one_line
 from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, PromptLookup, ReplyStats
-from runtime.cli import add_model_arguments, add_prompt_lookup_arguments, prompt_lookup_of
+from runtime.adapters import LoraAdapter
+from runtime.cli import (adapters_of, add_adapter_arguments, add_model_arguments, add_prompt_lookup_arguments,
+                         prompt_lookup_of)
 from runtime.tools import ToolCallRecord, ToolStepsExceeded, observation_text, stream_tool_loop
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ DEMO_TOOLS = [
                                       "parameters": CITY_PARAMETERS}},
 ]
 GENERATING = "Generating…"
+NO_ADAPTER = "none (the base model)"
 
 
 def _is_chinese(text: str) -> bool:
@@ -151,8 +154,8 @@ class ChatApp:
         return "", history + [{"role": "user", "content": message}], GENERATING, message
 
     def respond(self, message: str | None, history: list[dict[str, Any]], system: str, tools_on: bool,
-                max_new_tokens: float, ignore_eos: bool, temperature: float, top_p: float, top_k: float,
-                repetition_penalty: float, request: gr.Request) -> Iterator[tuple[Any, Any]]:
+                adapter: str | None, max_new_tokens: float, ignore_eos: bool, temperature: float, top_p: float,
+                top_k: float, repetition_penalty: float, request: gr.Request) -> Iterator[tuple[Any, Any]]:
         """Stream the reply to an accepted message; errors end up in the status line, never as a trace."""
         if message is None:
             yield gr.skip(), gr.skip()
@@ -166,7 +169,8 @@ class ChatApp:
                 session.tools = DEMO_TOOLS if tools_on else None
                 session.options = GenerationOptions(int(max_new_tokens), float(temperature), float(top_p),
                                                     int(top_k), float(repetition_penalty),
-                                                    ignore_eos=bool(ignore_eos))
+                                                    ignore_eos=bool(ignore_eos),
+                                                    adapters=() if adapter in (None, NO_ADAPTER) else (adapter,))
                 stats, calls = yield from self._converse(tab, session, message, history)
                 status = stats_line(stats, calls)
         except ToolStepsExceeded as error:
@@ -254,6 +258,9 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
             with gr.Column(scale=1):
                 system = gr.Textbox(label="System prompt", lines=3, elem_id="system")
                 tools_on = gr.Checkbox(label="Tools: get_weather, get_time (demo functions)", elem_id="tools")
+                adapters = list(getattr(engine, "adapters", None) or {})
+                adapter = gr.Dropdown([NO_ADAPTER, *adapters], value=adapters[0] if adapters else NO_ADAPTER,
+                                      label="LoRA adapter", visible=bool(adapters), elem_id="adapter")
                 with gr.Accordion("Sampling", open=True):
                     max_new = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=512, step=1, label="Max new tokens",
                                         elem_id="max-new-tokens")
@@ -268,7 +275,7 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
                     if not sampling:
                         gr.Markdown(f"{engine.device} decodes greedily: the sampling controls are hidden.")
         pending = gr.State(None)
-        settings = [system, tools_on, max_new, ignore_eos, temperature, top_p, top_k, repetition]
+        settings = [system, tools_on, adapter, max_new, ignore_eos, temperature, top_p, top_k, repetition]
         for trigger in (message.submit, send.click):
             trigger(app.accept, [message, chatbot], [message, chatbot, status, pending], concurrency_limit=None,
                     show_progress="hidden") \
@@ -284,12 +291,13 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
 
 def gradio_chat(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", host: str = "127.0.0.1",
                 port: int | None = None, share: bool = False, cache_dir: str = "default",
-                prompt_lookup: PromptLookup | None = None) -> None:
+                prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> None:
     """Load the model, serve the chat page, print its URL and block until interrupted.
 
     Raises EngineError when the model cannot be loaded and OSError when the port is taken.
     """
-    openvino_only = {"cache_dir": cache_dir, "prompt_lookup": prompt_lookup} if backend == "openvino" else {}
+    openvino_only = {"cache_dir": cache_dir, "prompt_lookup": prompt_lookup, "adapters": adapters} \
+        if backend == "openvino" else {}
     engine = runtime.load(model_dir, device, backend, **openvino_only)
     for note in getattr(engine, "notes", []):
         print(f"note: {note}", file=sys.stderr, flush=True)
@@ -307,6 +315,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                                      description="Chat with a converted GLM-4 model in the browser.")
     add_model_arguments(parser)
     add_prompt_lookup_arguments(parser)
+    add_adapter_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*Gradio 6\.0", category=DeprecationWarning)  # 5.x -> 6 notices
     try:
         gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share,
-                    "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args))
+                    "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args), adapters_of(args))
     except (EngineError, OSError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.adapters import LoraAdapter, parse_adapter
 from runtime.engine import PromptLookup
 from runtime.openvino_engine import CACHE_DIR_HELP
 
@@ -45,3 +46,15 @@ def prompt_lookup_of(args: argparse.Namespace) -> PromptLookup | None:
     lookup = PromptLookup(args.num_assistant_tokens, args.max_ngram_size)
     lookup.validate()
     return lookup
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """--adapter PATH[:SCALE], as often as needed (OpenVINO on CPU or GPU)."""
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a PEFT LoRA adapter folder (or .safetensors file) to apply at run time, scaled by SCALE "
+                        "(default 1: the adapter as trained); repeat for several")
+
+
+def adapters_of(args: argparse.Namespace) -> list[LoraAdapter]:
+    """The adapters the arguments name (ModelLoadError for one that cannot be read)."""
+    return [parse_adapter(spec) for spec in args.adapter]

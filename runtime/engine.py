@@ -49,6 +49,8 @@ class GenerationOptions:
     seed: int | None = None
     min_new_tokens: int = 0
     ignore_eos: bool = False
+    # LoRA adapters (by name) to apply: None applies every adapter the engine loaded, () none.
+    adapters: tuple[str, ...] | None = None
     # An openvino_genai.StructuredOutputConfig (JSON schema, grammar, structural tags) or None.
     structured_output: Any = None
 

@@ -57,15 +57,16 @@ class ChatRequest:
         return [function_of(tool)["name"] for tool in self.tools or []]
 
 
-def parse_chat_request(body: Any, served: str) -> ChatRequest:
-    """Check a chat-completions body against the served model's name and map it to GLM-4."""
+def parse_chat_request(body: Any, served: dict[str, tuple[str, ...]]) -> ChatRequest:
+    """Check a chat-completions body against the served model names (each with the LoRA adapters it
+    applies) and map it to GLM-4."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "you must provide a model parameter", "model")
-    if model != served:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{served}'", "model",
+    if model not in served:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves {', '.join(served)}", "model",
                        "model_not_found")
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in (None, allowed, {}):
@@ -95,7 +96,7 @@ def parse_chat_request(body: Any, served: str) -> ChatRequest:
                                         top_p=number(body, "top_p", 0.0, 1.0, 1.0),
                                         seed=integer(body, "seed", 0, 2**63 - 1, None),
                                         min_new_tokens=integer(body, "min_tokens", 0, None, 0),
-                                        ignore_eos=flag(body, "ignore_eos"))
+                                        ignore_eos=flag(body, "ignore_eos"), adapters=served[model])
     if request.options.top_p == 0.0:
         raise ApiError(400, "top_p must be greater than 0", "top_p")
     if request.max_tokens is not None and request.options.min_new_tokens > request.max_tokens:

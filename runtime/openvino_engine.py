@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
+from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
 
@@ -164,8 +165,13 @@ def special_token_id(encoder: GenAIEncoder, token: str) -> int:
         raise ModelLoadError(f"the tokenizer has no {token} token: not a GLM-4 model") from None
 
 
-def apply_options(config: Any, options: GenerationOptions, lookup: PromptLookup | None = None) -> Any:
-    """Set ``options`` (and the prompt-lookup settings) on an openvino_genai.GenerationConfig and return it."""
+def apply_options(config: Any, options: GenerationOptions, lookup: PromptLookup | None = None,
+                  adapters: dict[str, tuple[Any, float]] | None = None) -> Any:
+    """Set ``options`` (and the prompt-lookup and adapter settings) on an openvino_genai.GenerationConfig."""
+    if adapters:
+        config.adapters = adapter_config(adapters, options.adapters)
+    elif options.adapters:
+        raise ValueError(f"unknown adapter {', '.join(options.adapters)}: this model was loaded without adapters")
     if lookup is not None:
         config.num_assistant_tokens, config.max_ngram_size = lookup.num_assistant_tokens, lookup.max_ngram_size
     config.max_new_tokens = options.max_new_tokens
@@ -188,7 +194,7 @@ class OpenVINOEngine:
     def __init__(self, model_dir: str | Path, device: str = "CPU", cache_dir: Path | None | str = "default",
                  threads: int | None = None, kv_cache_precision: str | None = None,
                  max_prompt_len: int = 1024, min_response_len: int = 128,
-                 prompt_lookup: PromptLookup | None = None) -> None:
+                 prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> None:
         import openvino as ov
         import openvino_genai
 
@@ -197,13 +203,16 @@ class OpenVINOEngine:
         device = device.upper()
         if prompt_lookup is not None:
             prompt_lookup.validate()
-            if device.startswith("NPU"):
-                raise DeviceError("prompt lookup runs on CPU and GPU, not on the NPU's static pipeline")
+        if (prompt_lookup is not None or adapters) and device.startswith("NPU"):
+            raise DeviceError("prompt lookup and LoRA adapters run on CPU and GPU, not on the NPU's static pipeline")
+        self.adapters = genai_adapters(list(adapters), folder)
         check_device(device, ov.Core().available_devices)
         properties = device_properties(device, resolve_cache_dir(cache_dir), threads, kv_cache_precision,
                                        max_prompt_len, min_response_len)
         if prompt_lookup is not None:
             properties["prompt_lookup"] = True
+        if self.adapters:
+            properties["adapters"] = adapter_config(self.adapters, None)
         self.prompt_lookup = prompt_lookup
         self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
                                                   properties, f"{folder} on {device}")
@@ -223,7 +232,7 @@ class OpenVINOEngine:
         return special_token_id(self.encoder, token)
 
     def generation_config(self, options: GenerationOptions) -> Any:
-        return apply_options(self.pipeline.get_generation_config(), options, self.prompt_lookup)
+        return apply_options(self.pipeline.get_generation_config(), options, self.prompt_lookup, self.adapters)
 
     def generate(self, prompt_ids: Sequence[int], options: GenerationOptions,
                  on_text: Callable[[str], bool]) -> Generation:

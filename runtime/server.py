@@ -19,7 +19,7 @@ import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,8 +27,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from chat_format import TemplateError
+from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, PromptLookup, conversation_ids
-from runtime.cli import add_max_new_tokens, add_model_arguments, add_prompt_lookup_arguments, prompt_lookup_of
+from runtime.cli import (adapters_of, add_adapter_arguments, add_max_new_tokens, add_model_arguments,
+                         add_prompt_lookup_arguments, prompt_lookup_of)
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
 from runtime.serving import RESERVED_FOR_REPLY, Job, JobResult, QueueFull, Scheduler, load_scheduler
@@ -45,6 +47,8 @@ class ChatService:
                  max_new_tokens: int = 1024) -> None:
         self.scheduler, self.checker, self.api_key = scheduler, checker, api_key
         self.max_new_tokens, self.model = max_new_tokens, scheduler.name
+        # the model itself, and the model with each LoRA adapter: "NAME:ADAPTER"
+        self.served = {self.model: (), **{f"{self.model}:{name}": (name,) for name in scheduler.adapters}}
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -60,11 +64,12 @@ class ChatService:
     async def models(self, request: Request) -> dict[str, Any]:
         self.authorize(request)
         return {"object": "list",
-                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "glm4-intel"}]}
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glm4-intel"}
+                         for name in self.served]}
 
     async def chat_completions(self, request: Request) -> Any:
         self.authorize(request)
-        chat = parse_chat_request(await read_json(request), self.model)
+        chat = parse_chat_request(await read_json(request), self.served)
         job, events, reply_id = await self.prepare(chat)
         try:
             self.scheduler.submit(job)
@@ -72,7 +77,7 @@ class ChatService:
             raise ApiError(429, str(error), None, "rate_limit_exceeded") from None
         if chat.stream:
             return JobStream(job, self.stream(events, chat, reply_id))
-        return await self.collect(request, job, events, reply_id)
+        return await self.collect(request, job, events, reply_id, chat.model)
 
     async def prepare(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue, str]:
         """Encode the prompt, check its length and grammar, and build the job that reports to a queue."""
@@ -132,26 +137,26 @@ class ChatService:
 
     async def stream(self, events: asyncio.Queue, chat: ChatRequest, reply_id: str) -> AsyncIterator[str]:
         """The reply as server-sent events; deltas that queued up meanwhile go out as one."""
-        yield sse(chunk(reply_id, self.model, {"role": "assistant", "content": ""}))
+        yield sse(chunk(reply_id, chat.model, {"role": "assistant", "content": ""}))
         while True:
             items = [await events.get()]
             while not events.empty():
                 items.append(events.get_nowait())
             for delta in merge([d for kind, value in items if kind == "deltas" for d in value]):
-                yield sse(chunk(reply_id, self.model, delta))
+                yield sse(chunk(reply_id, chat.model, delta))
             if items[-1][0] == "done":  # always the last item a job posts
                 break
         result, assembler = items[-1][1]
         if result.finish_reason == "error":
             yield sse(ApiError(503, result.error or "generation failed").body())
         else:
-            yield sse(chunk(reply_id, self.model, {}, assembler.finish_reason(result.finish_reason)))
+            yield sse(chunk(reply_id, chat.model, {}, assembler.finish_reason(result.finish_reason)))
             if chat.include_usage:
-                yield sse(chunk(reply_id, self.model, None,
+                yield sse(chunk(reply_id, chat.model, None,
                                 usage_of=usage(result.prompt_tokens, result.generated_tokens)))
         yield "data: [DONE]\n\n"
 
-    async def collect(self, request: Request, job: Job, events: asyncio.Queue, reply_id: str) -> Any:
+    async def collect(self, request: Request, job: Job, events: asyncio.Queue, reply_id: str, model: str) -> Any:
         """Wait for the whole reply (the job posts only "done"), cancelling it if the client leaves."""
         try:
             while True:
@@ -165,7 +170,7 @@ class ChatService:
                 raise ApiError(503, result.error or "generation failed")
             if result.finish_reason == "cancelled":
                 raise ApiError(400, "the client disconnected")
-            return completion(reply_id, self.model, assembler, assembler.finish_reason(result.finish_reason),
+            return completion(reply_id, model, assembler, assembler.finish_reason(result.finish_reason),
                               result.prompt_tokens, result.generated_tokens)
         finally:
             job.cancel()
@@ -275,6 +280,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="KV-cache memory for continuous batching")
     add_max_new_tokens(parser, 1024, "reply limit when a request sets no max_tokens")
     add_prompt_lookup_arguments(parser)
+    add_adapter_arguments(parser)
     return parser
 
 
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args.model, args.device, args.host, args.port, args.api_key, args.max_concurrency,
                      args.max_queue, args.scheduler, args.kv_cache_gb, args.max_new_tokens,
-                     "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args))
+                     "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args),
+                     adapters_of(args))
     except (EngineError, ValueError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
@@ -297,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 64, scheduler: str = "auto", kv_cache_gb: int = 2,
           max_new_tokens: int = 1024, cache_dir: str | None = "default",
-          prompt_lookup: PromptLookup | None = None) -> int:
+          prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
     engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb, cache_dir,
-                            prompt_lookup)
+                            prompt_lookup, adapters)
     for note in engine.notes:
         log.warning("%s", note)
     checker = GrammarChecker(Path(model_dir), engine.tokenizer)

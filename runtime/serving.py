@@ -14,10 +14,11 @@ import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
+from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, load_pipeline, resolve_cache_dir,
@@ -167,7 +168,7 @@ class BatchScheduler(Scheduler):
     def __init__(self, folder: Path, device: str, properties: dict[str, Any], max_running: int, max_waiting: int,
                  kv_cache_gb: int, prompt_lookup: PromptLookup | None = None) -> None:
         super().__init__(folder.name, device, max_running, max_waiting)
-        self.prompt_lookup = prompt_lookup
+        self.prompt_lookup, self.adapters = prompt_lookup, {}
         if prompt_lookup is not None:
             properties = {**properties, "prompt_lookup": True}
         self._folder, self._properties, self._kv_cache_gb = folder, properties, kv_cache_gb
@@ -293,7 +294,7 @@ class SerialScheduler(Scheduler):
     def __init__(self, engine: OpenVINOEngine, max_waiting: int) -> None:
         super().__init__(engine.name, engine.device, 1, max_waiting)
         self.engine, self.tokenizer, self.template = engine, engine.tokenizer, engine.template
-        self.notes = engine.notes
+        self.notes, self.adapters = list(engine.notes), engine.adapters
         self.max_prompt_tokens = engine.max_prompt_tokens
         self.counters.tokens_after_cancel = None  # LLMPipeline does not say where a cancel landed
 
@@ -332,8 +333,13 @@ class SerialScheduler(Scheduler):
 
 def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = "auto", max_running: int = 16,
                    max_waiting: int = 64, kv_cache_gb: int = 2, cache_dir: Path | None | str = "default",
-                   prompt_lookup: PromptLookup | None = None) -> Scheduler:
-    """Load a converted model for serving: continuous batching on CPU/GPU, serial on NPU (or when asked)."""
+                   prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> Scheduler:
+    """Load a converted model for serving: continuous batching on CPU/GPU, serial on NPU (or when asked).
+
+    With LoRA adapters the server is serial too: openvino-genai 2026.4's continuous batching keeps
+    whatever adapters its last ``generate()`` applied for requests added with ``add_request``, so it
+    cannot switch them per request (seen here); LLMPipeline switches them on every call.
+    """
     import openvino as ov
 
     folder = Path(model_dir)
@@ -341,8 +347,15 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
     device = device.upper()
     check_device(device, ov.Core().available_devices)
     kind = scheduler if scheduler != "auto" else ("batch" if device.split(".")[0] in ("CPU", "GPU") else "serial")
+    notes = []
+    if adapters and kind == "batch":
+        kind = "serial"
+        notes.append("with LoRA adapters requests are served one at a time (openvino-genai's continuous batching "
+                     "cannot switch adapters per request)")
     if kind == "serial":
-        return SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir, prompt_lookup=prompt_lookup),
-                               max_waiting)
+        serial = SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir, prompt_lookup=prompt_lookup,
+                                                adapters=adapters), max_waiting)
+        serial.notes += notes
+        return serial
     return BatchScheduler(folder, device, device_properties(device, resolve_cache_dir(cache_dir)), max_running,
                           max_waiting, kv_cache_gb, prompt_lookup)

@@ -3,6 +3,7 @@ optimum or NNCF in it, and the chat, the server and the browser demo answer from
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -37,6 +38,14 @@ def test_chat_answers(tiny_int4: Path) -> None:
     result = run_runtime("-m", "runtime.chat", "--model", str(tiny_int4), stdin=QUESTION + "\n")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == EXPECTED
+
+
+def test_chat_applies_a_lora_adapter(tiny_int4: Path) -> None:
+    adapter = ROOT / "models" / "glm4-tiny-lora-capitals"
+    item = json.loads((adapter / "eval.jsonl").read_text(encoding="utf-8").splitlines()[1])  # in Chinese
+    result = run_runtime("-m", "runtime.chat", "--model", str(tiny_int4), "--adapter", str(adapter),
+                         stdin=item["messages"][0]["content"] + "\n")
+    assert result.returncode == 0 and result.stdout.strip() == item["expected"], result.stderr[-2000:]
 
 
 def test_server_answers(tiny_int4: Path, tmp_path: Path) -> None:
