@@ -28,8 +28,8 @@ import runtime
 from runtime.chat import one_line
 from runtime.engine import ChatSession, Engine, EngineError, GenerationOptions, PromptLookup, ReplyStats
 from runtime.adapters import LoraAdapter
-from runtime.cli import (adapters_of, add_adapter_arguments, add_model_arguments, add_prompt_lookup_arguments,
-                         prompt_lookup_of)
+from runtime.cli import (adapters_of, add_adapter_arguments, add_memory_arguments, add_model_arguments,
+                         add_prompt_lookup_arguments, memory_options, prompt_lookup_of)
 from runtime.tools import ToolCallRecord, ToolStepsExceeded, observation_text, stream_tool_loop
 
 log = logging.getLogger(__name__)
@@ -291,12 +291,13 @@ def build_demo(engine: Engine, model_dir: str | Path, max_message_chars: int = M
 
 def gradio_chat(model_dir: str | Path, device: str = "CPU", backend: str = "openvino", host: str = "127.0.0.1",
                 port: int | None = None, share: bool = False, cache_dir: str = "default",
-                prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> None:
+                prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = (),
+                memory: dict[str, Any] | None = None) -> None:
     """Load the model, serve the chat page, print its URL and block until interrupted.
 
     Raises EngineError when the model cannot be loaded and OSError when the port is taken.
     """
-    openvino_only = {"cache_dir": cache_dir, "prompt_lookup": prompt_lookup, "adapters": adapters} \
+    openvino_only = {"cache_dir": cache_dir, "prompt_lookup": prompt_lookup, "adapters": adapters, **(memory or {})} \
         if backend == "openvino" else {}
     engine = runtime.load(model_dir, device, backend, **openvino_only)
     for note in getattr(engine, "notes", []):
@@ -316,6 +317,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_prompt_lookup_arguments(parser)
     add_adapter_arguments(parser)
+    add_memory_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*Gradio 6\.0", category=DeprecationWarning)  # 5.x -> 6 notices
     try:
         gradio_chat(args.model, args.device, args.backend, args.host, args.port, args.share,
-                    "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args), adapters_of(args))
+                    "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args), adapters_of(args),
+                    memory_options(args))
     except (EngineError, OSError, ValueError) as error:
         print(one_line(error), file=sys.stderr)
         return 2

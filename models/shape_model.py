@@ -23,17 +23,26 @@ from models.tokenizer import stop_token_ids
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# Context windows: glm-4-9b-chat(-hf) and glm-4-9b-chat-1m(-hf). Only the positions differ here; the 1M
+# checkpoint's own rotary settings are not known to this project (no hub), and random weights ignore them.
+VARIANTS = {"128k": 131072, "1m": 1048576}
+
+
 def shape_model(output: str | Path, layers: int, tokenizer_dir: str | Path = "models/glm4-tiny",
-                dtype: str = "bf16", seed: int = 0, overwrite: bool = False) -> Path:
+                dtype: str = "bf16", seed: int = 0, overwrite: bool = False, vocab_size: int = 151552,
+                variant: str = "128k") -> Path:
     """Create the checkpoint in ``output`` (atomically) and return its path."""
     if layers < 1 or layers > 40:
         raise ValueError(f"--layers must be between 1 and 40 (GLM-4-9B has 40), got {layers}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not len(tokenizer) <= vocab_size <= 151552:
+        raise ValueError(f"--vocab-size must be from the tokenizer's {len(tokenizer)} to 151552, got {vocab_size}")
     stops = stop_token_ids(tokenizer)
     config = GlmConfig(num_hidden_layers=layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-                       torch_dtype=dtype_name(dtype))
+                       torch_dtype=dtype_name(dtype), vocab_size=vocab_size,
+                       max_position_embeddings=VARIANTS[variant])
     with staged_output(output, overwrite) as staging:
         torch.manual_seed(seed)
         previous = torch.get_default_dtype()
@@ -60,6 +69,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default="models/glm4-tiny", help="tokenizer to bundle (default: glm4-tiny's)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight precision on disk")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=151552,
+                        help="embedding rows (default GLM-4-9B's 151552; smaller gives a small model for tests)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="128k",
+                        help="context settings: 128k (glm-4-9b-chat) or 1m (glm-4-9b-chat-1m)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
@@ -70,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no tokenizer.json in {args.tokenizer}", file=sys.stderr)
         return 2
     try:
-        path = shape_model(args.output, args.layers, args.tokenizer, args.dtype, args.seed, args.overwrite)
+        path = shape_model(args.output, args.layers, args.tokenizer, args.dtype, args.seed, args.overwrite,
+                           args.vocab_size, args.variant)
     except (ValueError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ from typing import Any, Callable, TextIO
 import runtime
 from chat_format import function_of
 from runtime.engine import ChatSession, EngineError, GenerationOptions, ReplyChunk, ReplyStats
-from runtime.cli import (adapters_of, add_adapter_arguments, add_max_new_tokens, add_model_arguments,
-                         add_prompt_lookup_arguments, prompt_lookup_of)
+from runtime.cli import (adapters_of, add_adapter_arguments, add_max_new_tokens, add_memory_arguments,
+                         add_model_arguments, add_prompt_lookup_arguments, memory_options, prompt_lookup_of)
 from runtime.textio import InputLines, use_utf8_output
 
 HELP = "commands: /reset  /system TEXT  /stats  /help  /quit"
@@ -53,6 +53,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats", action="store_true", help="print statistics after every reply")
     add_prompt_lookup_arguments(parser)
     add_adapter_arguments(parser)
+    add_memory_arguments(parser)
     return parser
 
 
@@ -61,8 +62,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"threads": args.threads} if args.threads else {}
     ipex_only = {"dtype": args.dtype, "quantize": args.quantize, "trust_remote_code": args.trust_remote_code}
     if args.backend == "ipex":
-        if args.cache_dir is not None or args.prompt_lookup or args.adapter:
-            raise ValueError("--cache-dir, --prompt-lookup and --adapter apply to --backend openvino only")
+        if args.cache_dir is not None or args.prompt_lookup or args.adapter or memory_options(args):
+            raise ValueError("--cache-dir, --prompt-lookup, --adapter and the memory options apply to --backend "
+                             "openvino only")
         return {**options, **ipex_only, "dtype": args.dtype or "auto"}
     given = [f"--{name.replace('_', '-')}" for name, value in ipex_only.items() if value]
     if given:
@@ -71,6 +73,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["prompt_lookup"] = prompt_lookup_of(args)
     if args.adapter:
         options["adapters"] = adapters_of(args)
+    options.update(memory_options(args))
     return {**options, "cache_dir": args.cache_dir} if args.cache_dir is not None else options
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from runtime.adapters import LoraAdapter, parse_adapter
 from runtime.engine import PromptLookup
@@ -58,3 +59,20 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
 def adapters_of(args: argparse.Namespace) -> list[LoraAdapter]:
     """The adapters the arguments name (ModelLoadError for one that cannot be read)."""
     return [parse_adapter(spec) for spec in args.adapter]
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache-precision, --max-context and --prefill-chunk (OpenVINO on CPU or GPU; see python -m runtime.plan)."""
+    group = parser.add_argument_group("memory (python -m runtime.plan tells what fits)")
+    group.add_argument("--kv-cache-precision", choices=("f16", "u8", "u4", "i8"),
+                       help="KV-cache element type: CPU f16, u8 (its default) or u4; GPU f16 or i8")
+    group.add_argument("--max-context", type=int, help="tokens of history and prompt to keep (default: the model's)")
+    group.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                       help="process prompts this many tokens at a time (paged-attention backend), so a long prompt "
+                       "needs the workspace of TOKENS tokens only")
+
+
+def memory_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine keyword arguments the memory arguments ask for."""
+    names = ("kv_cache_precision", "max_context", "prefill_chunk")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,6 +85,22 @@ def load_pipeline(build: Callable[[dict[str, Any]], Any], properties: dict[str, 
         raise ModelLoadError(f"cannot load {what}: {error_summary(error)}") from error
     return pipeline, [f"loading with the model cache in {properties['CACHE_DIR']} failed ({first}); loaded without "
                       "it (--cache-dir or GLM4_INTEL_CACHE_DIR picks another folder, an empty value none)"]
+
+
+def chunked_prefill(folder: Path, context: int, chunk: int, kv_cache_precision: str | None) -> Any:
+    """A SchedulerConfig that runs the pipeline on openvino-genai's paged-attention backend: prompts
+    are processed ``chunk`` tokens at a time (so the prefill workspace stays that of ``chunk`` tokens),
+    with a KV cache sized for ``context`` tokens."""
+    import openvino_genai
+
+    from runtime.plan import Shape, kv_bytes_per_token
+
+    shape = Shape.of(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    per_token = kv_bytes_per_token(shape, kv_cache_precision or "f16")
+    config = openvino_genai.SchedulerConfig()
+    config.max_num_batched_tokens, config.dynamic_split_fuse = chunk, True
+    config.cache_size = max(math.ceil(per_token * context / 2**30), 1)  # GB
+    return config
 
 
 def check_device(device: str, available: Sequence[str]) -> None:
@@ -194,7 +211,8 @@ class OpenVINOEngine:
     def __init__(self, model_dir: str | Path, device: str = "CPU", cache_dir: Path | None | str = "default",
                  threads: int | None = None, kv_cache_precision: str | None = None,
                  max_prompt_len: int = 1024, min_response_len: int = 128,
-                 prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> None:
+                 prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = (),
+                 max_context: int | None = None, prefill_chunk: int | None = None) -> None:
         import openvino as ov
         import openvino_genai
 
@@ -203,8 +221,12 @@ class OpenVINOEngine:
         device = device.upper()
         if prompt_lookup is not None:
             prompt_lookup.validate()
-        if (prompt_lookup is not None or adapters) and device.startswith("NPU"):
-            raise DeviceError("prompt lookup and LoRA adapters run on CPU and GPU, not on the NPU's static pipeline")
+        if (prompt_lookup is not None or adapters or prefill_chunk) and device.startswith("NPU"):
+            raise DeviceError("prompt lookup, LoRA adapters and chunked prefill run on CPU and GPU, not on the NPU's "
+                              "static pipeline")
+        context = min(context_length(folder), max_context or context_length(folder))
+        if context <= min_response_len or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError(f"--max-context must be over {min_response_len} tokens and --prefill-chunk at least 1")
         self.adapters = genai_adapters(list(adapters), folder)
         check_device(device, ov.Core().available_devices)
         properties = device_properties(device, resolve_cache_dir(cache_dir), threads, kv_cache_precision,
@@ -213,6 +235,8 @@ class OpenVINOEngine:
             properties["prompt_lookup"] = True
         if self.adapters:
             properties["adapters"] = adapter_config(self.adapters, None)
+        if prefill_chunk:
+            properties["scheduler_config"] = chunked_prefill(folder, context, prefill_chunk, kv_cache_precision)
         self.prompt_lookup = prompt_lookup
         self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
                                                   properties, f"{folder} on {device}")
@@ -220,8 +244,7 @@ class OpenVINOEngine:
         self.name, self.device, self.properties = folder.name, device, properties
         self.template = ChatTemplate.from_folder(folder)
         # NPU compiles for MAX_PROMPT_LEN; elsewhere keep MIN_RESPONSE_LEN of the context for the reply.
-        self.max_prompt_tokens = (max_prompt_len if device.startswith("NPU")
-                                  else max(context_length(folder) - min_response_len, 1))
+        self.max_prompt_tokens = max_prompt_len if device.startswith("NPU") else context - min_response_len
         self.encoder = GenAIEncoder(self.tokenizer)
         self._stops = set(self.pipeline.get_generation_config().stop_token_ids)
 

@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 from chat_format import TemplateError
 from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, PromptLookup, conversation_ids
-from runtime.cli import (adapters_of, add_adapter_arguments, add_max_new_tokens, add_model_arguments,
-                         add_prompt_lookup_arguments, prompt_lookup_of)
+from runtime.cli import (adapters_of, add_adapter_arguments, add_max_new_tokens, add_memory_arguments,
+                         add_model_arguments, add_prompt_lookup_arguments, memory_options, prompt_lookup_of)
 from runtime.openai_api import ApiError, ChatRequest, parse_chat_request
 from runtime.openai_reply import ReplyAssembler, chunk, completion, new_id, usage
 from runtime.serving import RESERVED_FOR_REPLY, Job, JobResult, QueueFull, Scheduler, load_scheduler
@@ -281,6 +281,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add_max_new_tokens(parser, 1024, "reply limit when a request sets no max_tokens")
     add_prompt_lookup_arguments(parser)
     add_adapter_arguments(parser)
+    add_memory_arguments(parser)
     return parser
 
 
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.model, args.device, args.host, args.port, args.api_key, args.max_concurrency,
                      args.max_queue, args.scheduler, args.kv_cache_gb, args.max_new_tokens,
                      "default" if args.cache_dir is None else args.cache_dir, prompt_lookup_of(args),
-                     adapters_of(args))
+                     adapters_of(args), memory_options(args))
     except (EngineError, ValueError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 1
@@ -304,12 +305,13 @@ def main(argv: list[str] | None = None) -> int:
 def serve(model_dir: str, device: str = "CPU", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 64, scheduler: str = "auto", kv_cache_gb: int = 2,
           max_new_tokens: int = 1024, cache_dir: str | None = "default",
-          prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> int:
+          prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = (),
+          memory: dict[str, Any] | None = None) -> int:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
     engine = load_scheduler(model_dir, device, scheduler, max_concurrency, max_queue, kv_cache_gb, cache_dir,
-                            prompt_lookup, adapters)
+                            prompt_lookup, adapters, memory)
     for note in engine.notes:
         log.warning("%s", note)
     checker = GrammarChecker(Path(model_dir), engine.tokenizer)

@@ -166,17 +166,20 @@ class BatchScheduler(Scheduler):
     kind = "continuous_batching"
 
     def __init__(self, folder: Path, device: str, properties: dict[str, Any], max_running: int, max_waiting: int,
-                 kv_cache_gb: int, prompt_lookup: PromptLookup | None = None) -> None:
+                 kv_cache_gb: int, prompt_lookup: PromptLookup | None = None, max_context: int | None = None,
+                 prefill_chunk: int | None = None) -> None:
         super().__init__(folder.name, device, max_running, max_waiting)
         self.prompt_lookup, self.adapters = prompt_lookup, {}
         if prompt_lookup is not None:
             properties = {**properties, "prompt_lookup": True}
         self._folder, self._properties, self._kv_cache_gb = folder, properties, kv_cache_gb
+        self._prefill_chunk = prefill_chunk
         self.pipeline = self._build()
         self.tokenizer = self.pipeline.get_tokenizer()
         self.encoder = GenAIEncoder(self.tokenizer)
         self.template = ChatTemplate.from_folder(folder)
-        self.max_prompt_tokens = max(context_length(folder) - RESERVED_FOR_REPLY, 1)
+        self.max_prompt_tokens = max(min(context_length(folder), max_context or context_length(folder))
+                                     - RESERVED_FOR_REPLY, 1)
         self._running: list[_Running] = []
         self._dropping: list[_Running] = []
         self._ids = itertools.count()
@@ -186,6 +189,8 @@ class BatchScheduler(Scheduler):
 
         config = openvino_genai.SchedulerConfig()
         config.cache_size, config.max_num_seqs = self._kv_cache_gb, self.max_running
+        if self._prefill_chunk:
+            config.max_num_batched_tokens = self._prefill_chunk
         pipeline, self.notes = load_pipeline(
             lambda p: openvino_genai.ContinuousBatchingPipeline(str(self._folder), config, self.device, p),
             self._properties, f"{self._folder} on {self.device}")
@@ -333,7 +338,8 @@ class SerialScheduler(Scheduler):
 
 def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = "auto", max_running: int = 16,
                    max_waiting: int = 64, kv_cache_gb: int = 2, cache_dir: Path | None | str = "default",
-                   prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = ()) -> Scheduler:
+                   prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = (),
+                   memory: dict[str, Any] | None = None) -> Scheduler:
     """Load a converted model for serving: continuous batching on CPU/GPU, serial on NPU (or when asked).
 
     With LoRA adapters the server is serial too: openvino-genai 2026.4's continuous batching keeps
@@ -342,6 +348,7 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
     """
     import openvino as ov
 
+    memory = memory or {}
     folder = Path(model_dir)
     check_model_dir(folder)
     device = device.upper()
@@ -354,8 +361,10 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
                      "cannot switch adapters per request)")
     if kind == "serial":
         serial = SerialScheduler(OpenVINOEngine(folder, device, cache_dir=cache_dir, prompt_lookup=prompt_lookup,
-                                                adapters=adapters), max_waiting)
+                                                adapters=adapters, **memory), max_waiting)
         serial.notes += notes
         return serial
-    return BatchScheduler(folder, device, device_properties(device, resolve_cache_dir(cache_dir)), max_running,
-                          max_waiting, kv_cache_gb, prompt_lookup)
+    properties = device_properties(device, resolve_cache_dir(cache_dir),
+                                   kv_cache_precision=memory.get("kv_cache_precision"))
+    return BatchScheduler(folder, device, properties, max_running, max_waiting, kv_cache_gb, prompt_lookup,
+                          memory.get("max_context"), memory.get("prefill_chunk"))

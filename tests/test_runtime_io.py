@@ -269,3 +269,24 @@ def test_the_server_with_prompt_lookup_gives_the_greedy_replies(engine, tiny_int
             assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), plain.stats.generated_tokens)
     finally:
         servers.close()
+
+
+def test_memory_options_reach_the_server(tiny_int8: Path, tmp_path: Path) -> None:
+    import openai
+
+    from tests.server_process import start_server
+
+    servers = start_server(tiny_int8, tmp_path / "server.log", "--max-context", "600", "--prefill-chunk", "64",
+                           "--kv-cache-precision", "u8")
+    server = next(servers)
+    try:
+        item = next(i for i in ITEMS if i["kind"] == "fact_zh")
+        reply = server.client().chat.completions.create(model=tiny_int8.name, messages=item["messages"],
+                                                        max_tokens=32)
+        assert reply.choices[0].message.content == item["expected"]
+        too_long = [{"role": "user", "content": "首都" * 300}]  # about 900 tokens, over the 600 allowed
+        with pytest.raises(openai.BadRequestError) as refused:
+            server.client().chat.completions.create(model=tiny_int8.name, messages=too_long, max_tokens=8)
+        assert refused.value.code == "context_length_exceeded" and "at most 472" in refused.value.message
+    finally:
+        servers.close()

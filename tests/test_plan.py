@@ -1,0 +1,81 @@
+"""Long context: python -m runtime.plan against the memory a GLM-4-9B-wide model really takes at two context
+lengths (plain and chunked prefill), and the 1M-context variant's config converting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.plan import plan
+from tests.conftest import ROOT, run_module
+
+MEASURE = """
+import json, sys
+from pathlib import Path
+from runtime.bench import prompt_of_length
+from runtime.engine import GenerationOptions
+from runtime.openvino_engine import OpenVINOEngine
+
+folder, length, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
+engine = OpenVINOEngine(folder, cache_dir=None, prefill_chunk=chunk)
+engine.generate(prompt_of_length(engine, length), GenerationOptions(max_new_tokens=4, ignore_eos=True), lambda _: False)
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+print(json.dumps(int(status["RssAnon"].split()[0]) * 1024))
+"""
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc (Linux)")
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two layers with GLM-4-9B's widths (hidden 4096, FFN 13696, 2 KV heads x 128), a small vocabulary, INT4."""
+    root = tmp_path_factory.mktemp("wide")
+    made = run_module("models.shape_model", "--layers", "2", "--vocab-size", "4096", "--output", str(root / "ckpt"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    converted = run_module("convert", "--model", str(root / "ckpt"), "--output", str(root / "int4"), "--profile", "cpu",
+                           "--no-verify", "--quiet")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    return root / "int4"
+
+
+def measured_anonymous_bytes(model: Path, length: int, chunk: int | None) -> int:
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(model), str(length), str(chunk or 0)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("chunk", [None, 256], ids=["one pass", "chunked prefill"])
+def test_the_plan_is_within_15_percent_of_real_memory(wide_model: Path, chunk: int | None) -> None:
+    for length in (1024, 3072):
+        real = measured_anonymous_bytes(wide_model, length, chunk)
+        planned = plan(wide_model, length, "CPU", prefill_chunk=chunk)["rows"]["u8"]["total"]  # CPU's default KV
+        print(f"\n{length} tokens, prefill chunk {chunk}: planned {planned / 2**20:.0f} MiB, "
+              f"measured {real / 2**20:.0f} MiB ({planned / real - 1:+.1%})")
+        assert abs(planned / real - 1) < 0.15
+
+
+def test_the_plan_command_and_bad_input(wide_model: Path) -> None:
+    result = run_module("runtime.plan", "--model", str(wide_model), "--context", "32768", "--prefill-chunk", "512")
+    assert result.returncode == 0, result.stderr
+    assert "512 of them prefilled in one pass" in result.stdout and "longest that fits" in result.stdout
+    for args in (["--context", "0"], ["--context", "4096", "--prompt", "8192"], ["--context", "9", "--device", "TPU"]):
+        bad = run_module("runtime.plan", "--model", str(wide_model), *args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error:") and "\n" not in bad.stderr.strip()
+
+
+def test_the_million_token_variant_converts(tmp_path: Path) -> None:
+    made = run_module("models.shape_model", "--layers", "1", "--vocab-size", "4096", "--variant", "1m",
+                      "--output", str(tmp_path / "ckpt"))
+    assert made.returncode == 0, made.stderr[-2000:]
+    converted = run_module("convert", "--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "int4"),
+                           "--profile", "cpu", "--no-verify", "--quiet")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    result = plan(tmp_path / "int4", 1_048_576, "CPU", prefill_chunk=256)
+    assert result["shape"].context == 1_048_576
+    # a million tokens of u4 KV cache for one layer: 2 x 2 heads x (64 + 8) bytes each
+    assert result["rows"]["u4"]["kv_cache"] == 1_048_576 * 2 * 2 * (64 + 8)
