@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from runtime import BACKENDS
 from runtime.adapters import LoraAdapter, parse_adapter
 from runtime.engine import PromptLookup
 from runtime.openvino_engine import CACHE_DIR_HELP
 
-BACKENDS = ("openvino", "ipex")
 DEVICE_HELP = "CPU, GPU, GPU.0, GPU.1, NPU or AUTO (default CPU)"
 MODEL_HELP = "folder written by python -m convert (--backend ipex: the Hugging Face checkpoint folder)"
 
