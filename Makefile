@@ -13,7 +13,7 @@ PIP_INSTALL = -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX
 AVX2_ONLY = OV_CPU_MAX_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 .PHONY: demo demo-chat demo-ui test test-avx2 test-xeon setup browser convert-demo train-tiny train-lora venv-chatglm \
-	venv-xeon venv-runtime clean
+	venv-xeon venv-runtime peer clean
 
 setup: $(VENV)/.installed
 
@@ -39,12 +39,12 @@ demo-chat: convert-demo
 demo-ui: convert-demo
 	$(PY) -m demos.gradio_chat --model $(DEMO_MODEL)
 
-test: setup browser venv-xeon venv-runtime
+test: setup browser venv-xeon venv-runtime venv-chatglm peer
 	$(PY) -m pytest -q tests
 	$(MAKE) test-xeon
 
 # The whole suite as an AVX2-only machine runs it (see AVX2_ONLY), for a check on a newer CPU.
-test-avx2: setup browser venv-xeon venv-runtime
+test-avx2: setup browser venv-xeon venv-runtime venv-chatglm peer
 	$(AVX2_ONLY) $(PY) -m pytest -q tests
 	$(AVX2_ONLY) $(MAKE) test-xeon
 
@@ -89,6 +89,28 @@ train-tiny: setup
 # The bundled LoRA adapter (about 2 minutes on 2 cores).
 train-lora: setup
 	$(PY) -m models.train_lora --output models/glm4-tiny-lora-capitals
+
+# The peer python -m runtime.bench measures against: llama.cpp's CPU tools (llama-bench, llama-quantize,
+# llama-simple) built from the llama.cpp inside llama-cpp-python's sdist on PyPI, for this CPU (GGML_NATIVE).
+# Optional: nothing else needs it. About 5 minutes on 2 cores (299 s on an AMD EPYC).
+PEER_VERSION ?= 0.3.36
+PEER := build/peer
+PEER_SOURCE := $(PEER)/llama_cpp_python-$(PEER_VERSION)/vendor/llama.cpp
+peer: $(PEER)/cmake/bin/llama-bench
+
+$(PEER)/cmake/bin/llama-bench:
+	@command -v cmake >/dev/null || { echo "no cmake: llama.cpp is not built and its tests are skipped (apt-get install cmake g++)"; exit 0; }
+	mkdir -p $(PEER)
+	test -d $(PEER_SOURCE) || { $(PYTHON) -m pip download --no-deps --no-binary :all: -d $(PEER) \
+		llama-cpp-python==$(PEER_VERSION) && tar xzf $(PEER)/llama_cpp_python-$(PEER_VERSION).tar.gz -C $(PEER); }
+	@start=$$(date +%s); \
+	cmake -S $(PEER_SOURCE) -B $(PEER)/cmake -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+		>$(PEER)/configure.log && \
+	cmake --build $(PEER)/cmake --config Release -j $$(nproc) --target llama-bench llama-quantize llama-simple \
+		>$(PEER)/build.log && \
+	echo "built llama.cpp (llama-cpp-python $(PEER_VERSION)) into $(PEER)/cmake/bin in $$(( $$(date +%s) - start )) s"
 
 clean:
 	rm -rf build

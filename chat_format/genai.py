@@ -107,9 +107,14 @@ class GenAIEncoder:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        vocab = tokenizer.get_vocab()  # keys are bytes in some releases, str in others
-        self.special = {token: int(vocab[key]) for token in SPECIAL_TOKENS for key in (token, token.encode())
-                        if key in vocab}
+        self.special: dict[str, int] = {}
+        # Keys are bytes in some releases, str in others; openvino-tokenizers writes a tiktoken tokenizer's
+        # <sop> as " <sop> " (the original glm-4-9b-chat's detokenizer spacing), so spaces are ignored.
+        for key, index in tokenizer.get_vocab().items():
+            spelled = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+            token = spelled.strip()
+            if token in SPECIAL_TOKENS and (spelled == token or token not in self.special):
+                self.special[token] = int(index)
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False).input_ids.data[0]]

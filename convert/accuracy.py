@@ -2,10 +2,13 @@
 
     python -m convert.accuracy --model models/glm4-tiny
     python -m convert.accuracy --model build/glm4-shape-4l --recipes int8,cpu,npu
+    python -m convert.accuracy --model build/smollm2-glm --text /usr/share/common-licenses/GPL-3
 
 Each recipe is converted into a temporary folder with ``python -m convert``'s own code and scored
 with :func:`convert.compare.compare`: eval exact match where the source has an eval.jsonl, top-1
-token agreement and mean KL divergence for any model.
+token agreement, mean KL divergence and perplexity for any model (on ``--text``, windows of a plain-text
+file, when given). ``--ov-config`` scores every recipe under OpenVINO runtime settings, such as
+DYNAMIC_QUANTIZATION_GROUP_SIZE.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cpu": {"profile": "cpu"},
     "npu": {"profile": "npu"},
     "gpu": {"profile": "gpu"},
+    "cpu-all-layers": {"profile": "cpu", "all_layers": True},
+    "int4-sym-g32": {"weight_format": "int4", "sym": True, "group_size": 32, "ratio": 1.0},
+    "int4-sym-g128": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 1.0},
+    "int4-asym-g128": {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 1.0},
     "int4-asym-g128-r0.8": {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8},
     "int4-awq-se": {"weight_format": "int4", "group_size": 64, "awq": True, "scale_estimation": True,
                     "dataset": BUILTIN},
@@ -35,30 +42,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 DEFAULT = ("fp16", "int8", "cpu", "npu", "int4-asym-g128-r0.8", "int4-awq-se")
 
 
-def accuracy(model: str, recipes: list[str], trust_remote_code: bool = False) -> list[dict[str, Any]]:
+def accuracy(model: str, recipes: list[str], trust_remote_code: bool = False, text: str | None = None,
+             ov_config: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per recipe: its settings, the converted size and the comparison with the source."""
     rows = []
-    ref = reference(model, trust_remote_code)
+    ref = reference(model, trust_remote_code, text)
     for name in recipes:
         settings = dict(RECIPES[name])
         recipe = make_recipe(settings.pop("profile", None), **settings)
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:  # Windows: files may stay open
             folder = Path(scratch) / name
             manifest = convert(model, folder, recipe, trust_remote_code, verify=False, quiet=True)
-            result = compare(model, folder, trust_remote_code, ref)
+            result = compare(model, folder, trust_remote_code, ref, ov_config)
         rows.append({"recipe": name, "settings": recipe.as_dict(), "bytes": manifest["weights"]["total_bytes"],
-                     **result})
+                     "ov_config": ov_config or {}, **result})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [("recipe", "IR MiB", "exact match (source)", "top-1 agreement", "mean KL")]
+    lines = [("recipe", "IR MiB", "exact match (source)", "top-1 agreement", "mean KL", "perplexity (source)")]
     for r in rows:
         exact = (f"{r['converted_exact_match']:.1%} ({r['source_exact_match']:.1%})"
                  if "eval_items" in r else "-")
         lines.append((r["recipe"], f"{r['bytes'] / 2**20:.1f}", exact, f"{r['top1_agreement']:.2%}",
-                      f"{r['mean_kl']:.5f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+                      f"{r['mean_kl']:.5f}", f"{r['perplexity']:.3f} ({r['source_perplexity']:.3f})"))
+    widths = [max(len(line[i]) for line in lines) for i in range(6)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
@@ -69,6 +77,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipes", default=",".join(DEFAULT),
                         help=f"comma-separated, from: {', '.join(RECIPES)} (default: {','.join(DEFAULT)})")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--text", help="plain-text file (UTF-8): score on windows of 256 of its tokens (up to 32) "
+                        "instead of conversations")
+    parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="OpenVINO runtime settings for the converted models, e.g. "
+                             "DYNAMIC_QUANTIZATION_GROUP_SIZE=128")
     parser.add_argument("--json", help="write the rows as JSON here")
     return parser
 
@@ -84,8 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model, "config.json").is_file():
         print(f"error: {args.model} is not a checkpoint folder (no config.json)", file=sys.stderr)
         return 2
-    with quiet_output(True):
-        rows = accuracy(args.model, recipes, args.trust_remote_code)
+    if args.text and not Path(args.text).is_file():
+        print(f"error: no such text file: {args.text}", file=sys.stderr)
+        return 2
+    pairs = [item.partition("=") for item in args.ov_config]
+    if any(not key or not sep for key, sep, _ in pairs):
+        print("error: --ov-config takes KEY=VALUE pairs", file=sys.stderr)
+        return 2
+    try:
+        with quiet_output(True):
+            rows = accuracy(args.model, recipes, args.trust_remote_code, args.text,
+                            {key: value for key, _, value in pairs})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -75,6 +75,27 @@ def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
         _STAGING.pop(staging, None)
 
 
+@contextmanager
+def staged_file(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging file beside ``target``; on success it replaces ``target`` in one rename
+    (:func:`os.replace`), on failure it is removed and an existing ``target`` stays as it was."""
+    target = Path(target).absolute()
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder")
+    if target.exists() and not overwrite:
+        raise OutputError(f"output {target} exists (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
 def abandon_staging() -> bool:
     """Remove this process's staging folders, for a process about to exit at once (an interrupt);
     False, removing nothing, while a finished folder is being put in place (that takes a moment)."""

@@ -41,10 +41,12 @@ class ConversionError(Exception):
 
 def stop_ids(tokenizer: Any) -> list[int]:
     """GLM-4's three stop ids in ``tokenizer``; all must exist."""
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ConversionError(f"the tokenizer lacks one of GLM-4's stop tokens {', '.join(STOP_TOKENS)}")
-    return ids
+    vocabulary = tokenizer.get_vocab()  # not unk_token_id: a tokenizer may use <|endoftext|> as its unknown token
+    missing = [token for token in STOP_TOKENS if token not in vocabulary]
+    if missing:
+        raise ConversionError(f"the tokenizer lacks GLM-4's stop token {', '.join(missing)} "
+                              f"(it needs {', '.join(STOP_TOKENS)})")
+    return [vocabulary[token] for token in STOP_TOKENS]
 
 
 EXPORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -67,7 +69,7 @@ def export_ir(source: Source, folder: Path, trust_remote_code: bool, dtype: str 
 
 
 def compress_ir(exported: Path, output: Path, recipe: Recipe, source: Source,
-                calibration: list[str] | None, chunk_vocab: bool = True) -> None:
+                calibration: list[str] | None, chunk_vocab: bool = True, trust_remote_code: bool = False) -> None:
     """Compress the exported IR's weights with NNCF and save the result to ``output``.
 
     The vocabulary-sized weights are compressed first, in row chunks (see convert.vocab); NNCF
@@ -80,21 +82,39 @@ def compress_ir(exported: Path, output: Path, recipe: Recipe, source: Source,
     from optimum.intel import OVModelForCausalLM
 
     file_name, ignored, lm_head_done = "openvino_model.xml", [], False
-    if chunk_vocab and not recipe.all_layers:
+    config = vocab_config(recipe)
+    if chunk_vocab and config is not None:
         model = ov.Core().read_model(exported / file_name)
         vocab_size = int(source.config.get("vocab_size") or source.config.get("padded_vocab_size") or 0)
-        ignored = compress_vocab_weights(model, vocab_size, symmetric=recipe.weight_format == "int8" and recipe.sym)
+        ignored = compress_vocab_weights(model, vocab_size, config)
         lm_head_done = any(op.get_type_name() == "MatMul" for op in model.get_ops() if op.get_friendly_name() in ignored)
         if ignored:
             file_name = "openvino_model_vocab.xml"
             ov.save_model(model, exported / file_name, compress_to_fp16=False)
         del model
         gc.collect()
-    config = quantization_config(recipe, source.path, calibration, ignored, lm_head_done)
-    model = OVModelForCausalLM.from_pretrained(exported, file_name=file_name, quantization_config=config, compile=False)
+    model = OVModelForCausalLM.from_pretrained(exported, file_name=file_name, compile=False,
+                                               quantization_config=quantization_config(recipe, source.path, calibration,
+                                                                                       ignored, lm_head_done),
+                                               trust_remote_code=trust_remote_code)
     model.save_pretrained(output)
     del model
     gc.collect()
+
+
+def vocab_config(recipe: Recipe) -> Any:
+    """NNCF's configuration for the vocabulary-sized weights when they can be compressed in row chunks, else None:
+    INT8 channel-wise beside INT4 or INT8 layers; the recipe's own INT4 with --all-layers, unless NNCF must rank
+    them against the other layers (ratio < 1) or calibrate them (data-aware methods)."""
+    from convert.vocab import int4_mode, int8_mode
+
+    if recipe.weight_format == "fp16":
+        return None
+    if not recipe.all_layers:
+        return int8_mode(symmetric=recipe.weight_format == "int8" and recipe.sym)
+    if recipe.ratio < 1.0 or recipe.data_aware:
+        return None
+    return int4_mode(recipe.sym, recipe.group_size)
 
 
 def write_generation_config(output: Path, tokenizer: Any) -> None:
@@ -145,7 +165,7 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
         if exported != staging:
             report("compress")
             calibration = calibration_texts(tokenizer, conversations) if conversations else None
-            compress_ir(exported, staging, recipe, weights, calibration)
+            compress_ir(exported, staging, recipe, weights, calibration, trust_remote_code=trust_remote_code)
             shutil.rmtree(exported)
         if weights is not source:
             shutil.rmtree(weights.path)
@@ -181,7 +201,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. THUDM/glm-4-9b-chat-hf)")
     parser.add_argument("--output", required=True, help="folder to write (created atomically)")
     parser.add_argument("--profile", choices=sorted(PROFILES),
-                        help="device defaults: cpu (INT4 sym channel-wise), gpu (INT4 sym g128), npu (INT4 sym channel-wise)")
+                        help="device defaults: cpu (INT4 sym g32, the default), gpu (INT4 sym g128), npu (INT4 sym channel-wise)")
     parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, help="weight precision (default: the profile's, int4)")
     parser.add_argument("--group-size", type=int, help="INT4 group size; -1 means channel-wise")
     parser.add_argument("--ratio", type=float, help="share of layers in INT4, the rest INT8 (0-1]")

@@ -32,10 +32,12 @@ def score(items: list[dict[str, Any]], replies: list[str]) -> dict[str, Any]:
             "per_kind": {k: ok / n for k, (ok, n) in sorted(per_kind.items())}, "failures": failures}
 
 
-def evaluate(model_dir: str | Path, eval_file: str | Path | None = None, limit: int | None = None) -> dict[str, Any]:
+def evaluate(model_dir: str | Path, eval_file: str | Path | None = None, limit: int | None = None,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Load ``model_dir`` in FP32 and score greedy replies on its eval file."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     items = load_eval(eval_file or Path(model_dir) / "eval.jsonl")[:limit]
     return score(items, transformers_replies(model, tokenizer, items))
 
@@ -45,6 +47,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="models/glm4-tiny", help="Hugging Face checkpoint folder")
     parser.add_argument("--eval-file", help="eval.jsonl to score (default: MODEL/eval.jsonl)")
     parser.add_argument("--limit", type=int, help="score only the first N items")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the checkpoint's own model code (a chatglm checkpoint such as models.chatglm_twin's)")
     return parser
 
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model, "config.json").is_file():
         print(f"error: {args.model} is not a Hugging Face checkpoint folder (no config.json)", file=sys.stderr)
         return 2
-    result = evaluate(args.model, args.eval_file, args.limit)
+    result = evaluate(args.model, args.eval_file, args.limit, args.trust_remote_code)
     for kind, acc in result["per_kind"].items():
         print(f"{kind:16s} {acc:6.1%}")
     print(f"{'overall':16s} {result['accuracy']:6.1%}")

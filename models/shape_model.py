@@ -5,7 +5,9 @@
 Hidden 4096, FFN 13696, 32 query heads, 2 KV heads, head dim 128, vocab 151552, half-rotary
 heads, like glm-4-9b-chat-hf; only the number of layers is chosen. The weights are random (the
 answers are noise), so it measures speed and memory, never accuracy. It uses the bundled
-tokenizer, whose ids all fall inside the real vocabulary.
+tokenizer, whose ids all fall inside the real vocabulary. ``--arch chatglm`` writes the original
+glm-4-9b-chat's layout instead (model_type chatglm, rope_ratio 500, the project's remote code;
+load it with trust_remote_code).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, GlmConfig, GlmForCausalLM
 
 from convert.atomic import OutputError, staged_output
+from models.chatglm_twin import chatglm_config, save_chatglm
 from models.tokenizer import stop_token_ids
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -26,12 +29,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Context windows: glm-4-9b-chat(-hf) and glm-4-9b-chat-1m(-hf). Only the positions differ here; the 1M
 # checkpoint's own rotary settings are not known to this project (no hub), and random weights ignore them.
 VARIANTS = {"128k": 131072, "1m": 1048576}
+ARCHS = ("glm", "chatglm")  # glm-4-9b-chat-hf's GlmForCausalLM, or the original remote-code ChatGLMModel
 
 
 def shape_model(output: str | Path, layers: int, tokenizer_dir: str | Path = "models/glm4-tiny",
                 dtype: str = "bf16", seed: int = 0, overwrite: bool = False, vocab_size: int = 151552,
-                variant: str = "128k") -> Path:
+                variant: str = "128k", arch: str = "glm") -> Path:
     """Create the checkpoint in ``output`` (atomically) and return its path."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch}")
     if layers < 1 or layers > 40:
         raise ValueError(f"--layers must be between 1 and 40 (GLM-4-9B has 40), got {layers}")
     if dtype not in DTYPES:
@@ -44,14 +50,18 @@ def shape_model(output: str | Path, layers: int, tokenizer_dir: str | Path = "mo
                        torch_dtype=dtype_name(dtype), vocab_size=vocab_size,
                        max_position_embeddings=VARIANTS[variant])
     with staged_output(output, overwrite) as staging:
-        torch.manual_seed(seed)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(DTYPES[dtype])
-        try:
-            model = GlmForCausalLM(config).eval()
-        finally:
-            torch.set_default_dtype(previous)
-        model.save_pretrained(staging, safe_serialization=True, max_shard_size="2GB")
+        if arch == "chatglm":
+            save_chatglm(staging, dict(chatglm_config(config.to_dict(), config.head_dim), rope_ratio=500),
+                         dtype=DTYPES[dtype], seed=seed)
+        else:
+            torch.manual_seed(seed)
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(DTYPES[dtype])
+            try:
+                model = GlmForCausalLM(config).eval()
+            finally:
+                torch.set_default_dtype(previous)
+            model.save_pretrained(staging, safe_serialization=True, max_shard_size="2GB")
         GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return Path(output)
@@ -73,6 +83,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="embedding rows (default GLM-4-9B's 151552; smaller gives a small model for tests)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="128k",
                         help="context settings: 128k (glm-4-9b-chat) or 1m (glm-4-9b-chat-1m)")
+    parser.add_argument("--arch", choices=ARCHS, default="glm",
+                        help="glm: glm-4-9b-chat-hf's layout (default); chatglm: the original glm-4-9b-chat's "
+                             "(remote code, needs trust_remote_code to load)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
@@ -84,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = shape_model(args.output, args.layers, args.tokenizer, args.dtype, args.seed, args.overwrite,
-                           args.vocab_size, args.variant)
+                           args.vocab_size, args.variant, args.arch)
     except (ValueError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({args.layers} layers, {args.dtype})")
+    print(f"wrote {path} ({args.arch}, {args.layers} layers, {args.dtype})")
     return 0
 
 

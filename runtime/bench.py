@@ -3,13 +3,16 @@
     python -m runtime.bench --model build/glm4-shape-int4 --prompt-lengths 32,256,1024 --max-new-tokens 128
     python -m runtime.bench --model build/shape-int8 transformers:build/glm4-shape-4l ipex:build/glm4-shape-4l
 
+    python -m runtime.bench --model build/shape-cpu --peer-gguf build/shape-q4_0.gguf   # llama.cpp in the same run
+
 A folder may name its runner (``openvino:``, ``transformers:``, ``transformers-bf16:``, ``ipex:``,
-``ipex-fp32:``, ``ipex-bf16:``); ``--runner`` is the default. Each model folder is measured in a child process of
+``ipex-fp32:``, ``ipex-bf16:``, and IPEX weight-only ``ipex-int8:``, ``ipex-int4:``); ``--runner`` is the default. Each model folder is measured in a child process of
 its own, so its peak RSS and its cold load are its own; IPEX children run under the Xeon
 environment's Python (``--ipex-python``, default .venv-xeon/bin/python). Decode speed is set
-against the machine's memory bandwidth, measured in the same run: at batch 1 every generated
+against the machine's memory read bandwidth, measured in the same run: at batch 1 every generated
 token reads all weights once (the embedding table aside), so bandwidth / weight bytes is the
-ceiling no CPU recipe can pass.
+ceiling no CPU recipe can pass. ``--peer-gguf`` adds llama.cpp (``make peer``; runtime/peer.py), measured
+before and after our models (best of both passes), and prints our ratios to it.
 """
 
 from __future__ import annotations
@@ -17,63 +20,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from chat_format import encode_prompt
+from runtime.cpu import cpu_description
+from runtime.peer import DEFAULT_LLAMA_BENCH, PeerNotFound, check_peer, measure_peer, ratio_lines
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16")
+RUNNERS = ("openvino", "transformers", "transformers-bf16", "ipex", "ipex-fp32", "ipex-bf16", "ipex-int8", "ipex-int4")
 
 FIELDS = ("model", "runner", "device", "cpu", "threads", "prompt_tokens", "new_tokens", "load_cold_s", "load_warm_s",
           "ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
-          "weight_bytes_per_token", "bandwidth_bytes_per_s", "decode_ceiling_tokens_per_s", "ceiling_fraction")
+          "weight_bytes_per_token", "bandwidth_bytes_per_s", "bandwidth_worst_fraction", "decode_ceiling_tokens_per_s",
+          "ceiling_fraction", "spread")
 
 
-def memory_bandwidth(size_mb: int = 512, repeats: int = 5, threads: int = 2) -> float:
-    """Copy bandwidth in bytes/s (read + write), best of ``repeats``, using ``threads`` threads."""
+def memory_bandwidth(size_mb: int = 512, repeats: int = 7, threads: int = 2) -> tuple[float, float]:
+    """Read bandwidth in bytes/s, what decode needs: numpy's count_nonzero over a buffer far larger than the
+    caches, one slice per thread (the fastest full read numpy offers: 1.3-1.5x its float sums on an AMD EPYC,
+    which llama.cpp's decode outran). Returns the best of ``repeats`` runs and the worst as a fraction of it."""
     import numpy as np
 
-    chunks = [(np.ones(size_mb * 2**20 // 8 // threads), np.empty(size_mb * 2**20 // 8 // threads))
-              for _ in range(threads)]
-    best = 0.0
+    chunks = [np.ones(size_mb * 2**20 // threads, dtype=np.uint8) for _ in range(threads)]
+    speeds = []
     for _ in range(repeats):
-        workers = [threading.Thread(target=np.copyto, args=(dst, src)) for src, dst in chunks]
+        workers = [threading.Thread(target=np.count_nonzero, args=(chunk,)) for chunk in chunks]
         start = time.perf_counter()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        best = max(best, 2 * size_mb * 2**20 / (time.perf_counter() - start))
-    return best
-
-
-def cpu_description() -> str:
-    """The CPU's name and the instruction-set extensions that decide CPU speed (AVX2, AVX-512, AMX)."""
-    import platform
-
-    name, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
-    found = " ".join(f for f in wanted if f in flags)
-    if not found:  # no /proc/cpuinfo (Windows, macOS): the precisions OpenVINO's CPU plugin can run
-        import openvino as ov
-
-        found = "OpenVINO: " + " ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    return f"{name} ({found})"
+        speeds.append(size_mb * 2**20 / (time.perf_counter() - start))
+    return max(speeds), min(speeds) / max(speeds)
 
 
 def weight_bytes_per_token(model_xml: Path) -> int:
@@ -138,17 +123,18 @@ def prompt_of_length(engine: Any, length: int, variant: int = 0) -> list[int]:
 
 
 def measure_openvino(folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
-                     runs: int) -> list[dict[str, Any]]:
-    """All measurements of one OpenVINO model folder (run inside a child process)."""
+                     runs: int, ov_config: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """All measurements of one OpenVINO model folder (run inside a child process), ``ov_config`` on top of
+    the runtime's own plugin settings."""
     from runtime.openvino_engine import OpenVINOEngine
 
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:
         start = time.perf_counter()
-        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads)
+        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads, extra_properties=ov_config)
         cold = time.perf_counter() - start
         del engine
         start = time.perf_counter()
-        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads)
+        engine = OpenVINOEngine(folder, device, cache_dir=cache, threads=threads, extra_properties=ov_config)
         warm = time.perf_counter() - start
         config = engine.pipeline.get_generation_config()
         config.max_new_tokens, config.min_new_tokens, config.ignore_eos, config.do_sample = new_tokens, new_tokens, True, False
@@ -161,11 +147,17 @@ def measure_openvino(folder: str, device: str, threads: int, lengths: list[int],
                 if run:
                     ttfts.append(metrics.get_ttft().mean / 1000)
                     tpots.append(metrics.get_tpot().mean / 1000)
-            rows.append({"prompt_tokens": len(ids), "ttft_s": statistics.median(ttfts),
-                         "tpot_s": statistics.median(tpots)})
+            rows.append({"prompt_tokens": len(ids), **best_of(ttfts, tpots)})
         del engine
     weights = weight_bytes_per_token(Path(folder) / "openvino_model.xml")
     return [dict(row, load_cold_s=cold, load_warm_s=warm, weight_bytes_per_token=weights) for row in rows]
+
+
+def best_of(ttfts: list[float], tpots: list[float]) -> dict[str, float]:
+    """The fastest of the measured runs (noise on a shared machine only ever slows a run down) and the spread:
+    the slowest run's speed as a fraction of the fastest's, the worse of prefill and decode."""
+    return {"ttft_s": min(ttfts), "tpot_s": min(tpots),
+            "spread": min(min(ttfts) / max(ttfts), min(tpots) / max(tpots))}
 
 
 def tensor(ids: list[int]) -> Any:
@@ -175,67 +167,17 @@ def tensor(ids: list[int]) -> Any:
     return ov.Tensor(np.array([ids], dtype=np.int64))
 
 
-def measure_transformers(folder: str, threads: int, lengths: list[int], new_tokens: int, runs: int,
-                         bf16: bool = False) -> list[dict[str, Any]]:
-    """Plain transformers on CPU, FP32 (or bf16), for comparison (run inside a child process)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if bf16 else torch.float32).eval()
-    load = time.perf_counter() - start
-    return time_torch_model(model, AutoTokenizer.from_pretrained(folder), load, lengths, new_tokens, runs)
-
-
-def measure_ipex(folder: str, dtype: str, threads: int, lengths: list[int], new_tokens: int,
-                 runs: int) -> list[dict[str, Any]]:
-    """The IPEX engine's model (``ipex.llm.optimize``), timed like plain transformers (in a child process)."""
-    from runtime.ipex_engine import IPEXEngine
-
-    start = time.perf_counter()
-    engine = IPEXEngine(folder, dtype=dtype, threads=threads)
-    load = time.perf_counter() - start
-    rows = time_torch_model(engine.model, engine.tokenizer, load, lengths, new_tokens, runs)
-    return [dict(row, runner=f"ipex-{engine.dtype}") for row in rows]
-
-
-def time_torch_model(model: Any, tokenizer: Any, load_s: float, lengths: list[int], new_tokens: int,
-                     runs: int) -> list[dict[str, Any]]:
-    """Prefill and greedy decode with the KV cache, step by step, for each prompt length."""
-    import torch
-
-    text = "The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。"
-    rows = []
-    for length in lengths:
-        ids = tokenizer(text * (length // 8 + 8), return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
-        ttfts, tpots = [], []
-        with torch.inference_mode():
-            for run in range(runs + 1):
-                start = time.perf_counter()
-                out = model(ids, use_cache=True)
-                ttft = time.perf_counter() - start
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                start = time.perf_counter()
-                for _ in range(new_tokens - 1):
-                    out = model(token, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                if run:
-                    ttfts.append(ttft)
-                    tpots.append((time.perf_counter() - start) / max(new_tokens - 1, 1))
-        rows.append({"prompt_tokens": length, "ttft_s": statistics.median(ttfts), "tpot_s": statistics.median(tpots)})
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    return [dict(row, load_cold_s=load_s, load_warm_s=None, weight_bytes_per_token=weights) for row in rows]
-
-
 def measure(runner: str, folder: str, device: str, threads: int, lengths: list[int], new_tokens: int,
-            runs: int) -> list[dict[str, Any]]:
+            runs: int, trust_remote_code: bool = False, ov_config: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All measurements of one model folder with one runner (inside the child process)."""
+    from runtime.bench_torch import measure_ipex, measure_transformers
+
     if runner.startswith("transformers"):
-        return measure_transformers(folder, threads, lengths, new_tokens, runs, bf16=runner.endswith("bf16"))
+        return measure_transformers(folder, threads, lengths, new_tokens, runs, runner.endswith("bf16"),
+                                    trust_remote_code)
     if runner.startswith("ipex"):
-        return measure_ipex(folder, runner.partition("-")[2] or "auto", threads, lengths, new_tokens, runs)
-    return measure_openvino(folder, device, threads, lengths, new_tokens, runs)
+        return measure_ipex(folder, runner, threads, lengths, new_tokens, runs, trust_remote_code)
+    return measure_openvino(folder, device, threads, lengths, new_tokens, runs, ov_config)
 
 
 def child_main() -> None:
@@ -283,40 +225,76 @@ def default_ipex_python() -> str:
 
 def bench(models: list[str], runner: str = "openvino", device: str = "CPU", threads: int | None = None,
           lengths: tuple[int, ...] = (32, 256, 1024), new_tokens: int = 128, runs: int = 3,
-          ipex_python: str | None = None) -> list[dict[str, Any]]:
-    """Measure every model folder (``RUNNER:FOLDER`` picks its runner); one row per (model, prompt length)."""
+          ipex_python: str | None = None, trust_remote_code: bool = False,
+          on_rows: Callable[[list[dict[str, Any]]], None] | None = None, peer_ggufs: tuple[str, ...] = (),
+          llama_bench: str | Path = DEFAULT_LLAMA_BENCH, ov_config: dict[str, str] | None = None
+          ) -> list[dict[str, Any]]:
+    """Measure every model folder (``RUNNER:FOLDER`` picks its runner); one row per (model, prompt length).
+
+    Each GGUF of ``peer_ggufs`` is measured with ``llama_bench`` before and after the models (its rows: the best
+    of both passes). ``on_rows`` gets the bandwidth-only row first (``model`` None), then each measurement's
+    rows as they finish.
+    """
     threads = threads or os.cpu_count() or 1
-    bandwidth = memory_bandwidth(threads=threads)
-    results = []
-    for spec in models:
-        model_runner, folder = split_model(spec, runner)
-        python = (ipex_python or default_ipex_python()) if model_runner.startswith("ipex") else sys.executable
-        rows, rss = run_child(python, {"runner": model_runner, "folder": folder, "device": device, "threads": threads,
-                                       "lengths": list(lengths), "new_tokens": new_tokens, "runs": runs})
+    if peer_ggufs:
+        check_peer(llama_bench, list(peer_ggufs))
+    bandwidth, worst = memory_bandwidth(threads=threads)
+    machine = {"cpu": cpu_description(), "threads": threads, "device": device, "new_tokens": new_tokens,
+               "bandwidth_bytes_per_s": bandwidth, "bandwidth_worst_fraction": worst}
+    if on_rows:
+        on_rows([dict(machine, model=None)])
+    passes: dict[str, list[Any]] = {gguf: [] for gguf in peer_ggufs}
+    jobs = [("llama.cpp", gguf) for gguf in peer_ggufs] + [split_model(spec, runner) for spec in models] + \
+        [("llama.cpp", gguf) for gguf in peer_ggufs]  # peer, ours, peer
+    results: list[dict[str, Any]] = []
+    for model_runner, folder in jobs:
+        if model_runner == "llama.cpp":
+            rows, rss = measure_peer(llama_bench, folder, threads, list(lengths), new_tokens, runs, passes[folder])
+            results = [r for r in results if not (r["runner"] == "llama.cpp" and r["model"] == Path(folder).name)]
+        else:
+            python = (ipex_python or default_ipex_python()) if model_runner.startswith("ipex") else sys.executable
+            rows, rss = run_child(python, {"runner": model_runner, "folder": folder, "device": device,
+                                           "threads": threads, "lengths": list(lengths), "new_tokens": new_tokens,
+                                           "runs": runs, "trust_remote_code": trust_remote_code,
+                                           "ov_config": ov_config})
+        finished = []
         for row in rows:
             decode = 1.0 / row["tpot_s"] if row["tpot_s"] else 0.0
             ceiling = bandwidth / row["weight_bytes_per_token"]
-            results.append({"model": Path(folder).name, "runner": model_runner, "device": device,
-                            "cpu": cpu_description(), "threads": threads,
-                            "new_tokens": new_tokens, "peak_rss_bytes": rss, "bandwidth_bytes_per_s": bandwidth,
-                            "prefill_tokens_per_s": row["prompt_tokens"] / row["ttft_s"],
-                            "decode_tokens_per_s": decode, "decode_ceiling_tokens_per_s": ceiling,
-                            "ceiling_fraction": decode / ceiling, **row})
-    return [{key: row.get(key) for key in FIELDS} for row in results]
+            finished.append({key: value for key, value in {
+                **machine, "model": Path(folder).name, "runner": model_runner, "peak_rss_bytes": rss,
+                "prefill_tokens_per_s": row["prompt_tokens"] / row["ttft_s"], "decode_tokens_per_s": decode,
+                "decode_ceiling_tokens_per_s": ceiling, "ceiling_fraction": decode / ceiling, **row}.items()
+                if key in FIELDS})
+        if on_rows:
+            on_rows(finished)
+        results += finished
+    return results
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("model", "runner", "prompt", "load cold/warm s", "TTFT ms", "TPOT ms", "prefill tok/s",
-              "decode tok/s", "ceiling tok/s", "of ceiling", "peak RSS GiB")
-    lines = [header]
-    for r in rows:
-        warm = f"{r['load_warm_s']:.2f}" if r["load_warm_s"] is not None else "-"
-        lines.append((r["model"], r["runner"], str(r["prompt_tokens"]), f"{r['load_cold_s']:.2f}/{warm}",
-                      f"{r['ttft_s'] * 1000:.1f}", f"{r['tpot_s'] * 1000:.1f}", f"{r['prefill_tokens_per_s']:.0f}",
-                      f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_ceiling_tokens_per_s']:.1f}",
-                      f"{r['ceiling_fraction']:.0%}", f"{r['peak_rss_bytes'] / 2**30:.2f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+HEADER = ("model", "runner", "prompt", "load cold/warm s", "TTFT ms", "TPOT ms", "prefill tok/s", "decode tok/s",
+          "spread", "ceiling tok/s", "of ceiling", "peak RSS GiB")
+
+
+def table_line(row: dict[str, Any] | None, widths: list[int]) -> str:
+    """One line of the results table (the header for ``row`` None), columns right-aligned to ``widths``."""
+    if row is None:
+        cells: tuple[str, ...] = HEADER
+    else:
+        cold, warm = (f"{row[key]:.2f}" if row[key] is not None else "-" for key in ("load_cold_s", "load_warm_s"))
+        cells = (row["model"], row["runner"], str(row["prompt_tokens"]), f"{cold}/{warm}",
+                 f"{row['ttft_s'] * 1000:.1f}", f"{row['tpot_s'] * 1000:.1f}", f"{row['prefill_tokens_per_s']:.0f}",
+                 f"{row['decode_tokens_per_s']:.1f}", f"{row['spread']:.0%}", f"{row['decode_ceiling_tokens_per_s']:.1f}",
+                 f"{row['ceiling_fraction']:.0%}", f"{row['peak_rss_bytes'] / 2**30:.2f}")
+    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths))
+
+
+def table_widths(models: list[str]) -> list[int]:
+    """Column widths known before any measurement, so that rows can be printed as they finish."""
+    widths = [len(title) for title in HEADER]
+    widths[0] = max(widths[0], *(len(Path(spec.partition(":")[2] or spec).name) for spec in models))
+    widths[1] = max(widths[1], len("transformers-bf16"))
+    return widths
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -345,17 +323,30 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", required=True, help="[RUNNER:]FOLDER ...: converted folders (openvino), "
-                        "HF checkpoints (transformers, transformers-bf16, ipex, ipex-fp32, ipex-bf16)")
+                        "HF checkpoints (transformers, transformers-bf16, ipex, ipex-fp32, ipex-bf16, ipex-int8, "
+                        "ipex-int4)")
     parser.add_argument("--runner", choices=RUNNERS, default="openvino",
-                        help="runner of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16)")
-    parser.add_argument("--ipex-python", help="Python of the Xeon environment for ipex models "
-                        "(default .venv-xeon/bin/python)")
-    parser.add_argument("--device", default="CPU")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    parser.add_argument("--prompt-lengths", default="32,256,1024", help="comma-separated prompt lengths in tokens")
+                        help="runner of folders given without one (ipex: bf16 where the CPU has AMX or AVX-512 BF16; "
+                             "default: %(default)s)")
+    parser.add_argument("--ipex-python", default=default_ipex_python(),
+                        help="Python of the Xeon environment for ipex models (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run checkpoints' own model code (the original glm-4-9b-chat; torch runners)")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device of openvino folders (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all cores, %(default)s here)")
+    parser.add_argument("--prompt-lengths", default="32,256,1024", help="comma-separated prompt lengths in tokens (default: %(default)s)")
     parser.add_argument("--max-new-tokens", dest="new_tokens", type=int, default=128,
-                        help="tokens generated per run, exactly: the stop tokens are passed over (default 128)")
-    parser.add_argument("--runs", type=int, default=3, help="measured runs per length (median), after one warm-up")
+                        help="tokens generated per run, exactly: the stop tokens are passed over (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per length (the best counts, the spread is printed), after one warm-up "
+                        "(default: %(default)s)")
+    parser.add_argument("--peer-gguf", nargs="+", default=[], metavar="FILE",
+                        help="GGUF files of the same checkpoint for llama.cpp, measured before and after the models "
+                             "(python -m models.gguf_export writes one)")
+    parser.add_argument("--llama-bench", default=str(DEFAULT_LLAMA_BENCH),
+                        help="llama.cpp's llama-bench for --peer-gguf (default: %(default)s, built by make peer)")
+    parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="OpenVINO plugin settings for the openvino folders, on top of the runtime's own "
+                             "(e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=32)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write a PNG plot of tokens/s against prompt length here")
     return parser
@@ -370,19 +361,38 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("error: --prompt-lengths must be integers >= 4, --max-new-tokens >= 2, --runs >= 1", file=sys.stderr)
         return 2
+    pairs = [item.partition("=") for item in args.ov_config]
+    if any(not key or not sep for key, sep, _ in pairs):
+        print("error: --ov-config takes KEY=VALUE pairs", file=sys.stderr)
+        return 2
     missing = [m for m in args.model if not Path(split_model(m, args.runner)[1]).is_dir()]
     if missing:
         print(f"error: no such model folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    widths = table_widths(args.model + args.peer_gguf)
+
+    def show(rows: list[dict[str, Any]]) -> None:
+        if rows[0]["model"] is None:  # the machine, measured first
+            machine = rows[0]
+            print(f"{machine['cpu']}; memory read bandwidth {machine['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+                  f"(best of 7, worst {machine['bandwidth_worst_fraction']:.0%} of it; {machine['threads']} threads)")
+            print(table_line(None, widths))
+        else:
+            print("\n".join(table_line(row, widths) for row in rows))
+        sys.stdout.flush()
+
     try:
         rows = bench(args.model, args.runner, args.device, args.threads, lengths, args.new_tokens, args.runs,
-                     args.ipex_python)
+                     args.ipex_python, args.trust_remote_code, on_rows=show, peer_ggufs=tuple(args.peer_gguf),
+                     llama_bench=args.llama_bench, ov_config={key: value for key, _, value in pairs})
+    except PeerNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{rows[0]['cpu']}; memory bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
-          f"(copy, {rows[0]['threads']} threads)")
-    print(format_table(rows))
+    for line in ratio_lines(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     if args.plot:

@@ -34,8 +34,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     ipex = parser.add_argument_group("--backend ipex only")
     ipex.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
                       help="auto (default): bf16 where the CPU has AVX-512 BF16 or AMX, else fp32")
-    ipex.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization, where IPEX supports "
-                      "the architecture (otherwise it says so and runs unquantized)")
+    ipex.add_argument("--quantize", choices=("int8", "int4"), help="IPEX weight-only quantization: applied to the "
+                      "original glm-4-9b-chat (chatglm); for -hf and 0414 IPEX has none, says so and runs unquantized")
     ipex.add_argument("--trust-remote-code", action="store_true",
                       help="run the checkpoint's own Python code (the original glm-4-9b-chat needs it)")
     parser.add_argument("--system", help="system prompt")

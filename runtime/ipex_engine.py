@@ -4,8 +4,10 @@ It runs in its own environment (``make venv-xeon``, then ``.venv-xeon/bin/python
 its last release, refuses any torch but 2.8.x. The model folder is the checkpoint itself
 (glm-4-9b-chat-hf, GLM-4-9B-0414, or the original glm-4-9b-chat with ``trust_remote_code``), not a
 converted OpenVINO folder. Precision: bf16 where the CPU has AVX-512 BF16 or AMX (Sapphire Rapids
-and later), fp32 elsewhere; ``quantize`` asks IPEX for weight-only INT8/INT4, which it applies only
-to the architectures it knows and otherwise leaves undone (``notes`` then says so in one line).
+and later), fp32 elsewhere. IPEX fuses and weight-only quantizes (``quantize``: INT8/INT4) the
+original glm-4-9b-chat (``ChatGLMModel``, after :func:`adapt_chatglm`); for the -hf and 0414
+architectures it has no GLM-specific path, runs them as plain PyTorch at the chosen precision, and
+``notes`` says in one line that the quantization was not applied.
 
 Threads and cores: one process per socket, pinned to that socket's cores and memory, with one
 thread per physical core, e.g. on socket 0 of a 2 x 32-core Xeon::
@@ -24,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from chat_format import SPECIAL_TOKENS, STOP_TOKENS, ChatTemplate
+from runtime.cpu import onednn_cpu_flags
 from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 TORCH_SERIES = "2.8"  # IPEX 2.8.0 checks torch's major.minor at import and exits on a mismatch
@@ -42,24 +46,6 @@ QUANTIZE = ("int8", "int4")
 
 class IPEXUnavailableError(EngineError):
     """torch or IPEX is missing or mismatched, or this CPU cannot run the requested precision."""
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags from /proc/cpuinfo (empty where that file does not exist), less the
-    AVX-512 and AMX ones when ONEDNN_MAX_CPU_ISA caps oneDNN, and so IPEX, below AVX-512."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.partition(":")[2].split())
-                    break
-    except OSError:
-        pass
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    if cap.startswith(("SSE", "AVX")) and not cap.startswith("AVX512"):
-        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
-    return flags
 
 
 def pick_dtype(requested: str, flags: set[str]) -> str:
@@ -124,6 +110,10 @@ def native_output_captured() -> Iterator[list[str]]:
             captured.append(sink.read().decode("utf-8", "replace"))
 
 
+# Warnings IPEX 2.8's own generation code raises on every reply (not the user's to act on).
+IPEX_CHATTER = ("To copy construct from a tensor", "JIT pass will be deprecated")
+
+
 def import_ipex() -> Any:
     """Import intel_extension_for_pytorch quietly; a failure becomes a one-line IPEXUnavailableError."""
     # IPEX imports torch's compiler, which would start a pool of compile workers that this engine never uses.
@@ -135,7 +125,16 @@ def import_ipex() -> Any:
         lines = [line for line in "".join(captured).splitlines() if line.strip()] or [str(error)]
         raise IPEXUnavailableError(f"intel-extension-for-pytorch does not import ({lines[-1].strip()}): "
                                    f"{SETUP_HINT}") from None
+    for message in IPEX_CHATTER:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     return ipex
+
+
+def dtype_keyword() -> str:
+    """from_pretrained's precision argument: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    from packaging.version import Version
+
+    return "dtype" if Version(metadata.version("transformers")) >= Version("4.56") else "torch_dtype"
 
 
 def check_checkpoint(folder: Path) -> None:
@@ -151,33 +150,98 @@ def check_checkpoint(folder: Path) -> None:
         raise ModelLoadError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
 
 
-def quantization_config(ipex: Any, quantize: str, dtype: str) -> Any:
-    """IPEX's weight-only quantization recipe: INT8 or INT4 weights, computed in bf16 where native."""
+def quantization_config(ipex: Any, quantize: str, compute: str) -> Any:
+    """IPEX's weight-only quantization recipe: INT8 or INT4 weights, computed in ``compute`` (bf16 or fp32)."""
     weight = {"int8": ipex.quantization.WoqWeightDtype.INT8, "int4": ipex.quantization.WoqWeightDtype.INT4}[quantize]
-    lowp = ipex.quantization.WoqLowpMode.BF16 if dtype == "bf16" else ipex.quantization.WoqLowpMode.NONE
+    lowp = ipex.quantization.WoqLowpMode.BF16 if compute == "bf16" else ipex.quantization.WoqLowpMode.NONE
     return ipex.quantization.get_weight_only_quant_qconfig_mapping(weight_dtype=weight, lowp_mode=lowp)
+
+
+def woq_compute(ipex: Any, quantize: str, dtype: str) -> tuple[str, list[str]]:
+    """The precision weight-only layers compute in, and a note where it is not ``dtype``.
+
+    IPEX 2.8's INT8 weight-only kernels computing in fp32 answered wrong at the AVX512_FP16 ISA level
+    (Sapphire Rapids and later): 71% against 97.5% on the chatglm twin's eval, while every lower level
+    (AMX, AVX512_BF16, AVX512_VNNI, AVX512, AVX2, set with ATEN_CPU_CAPABILITY) and bf16 compute were
+    exact. Such CPUs compute bf16 natively, so INT8 is computed in bf16 there.
+    """
+    if quantize == "int8" and dtype == "fp32" and ipex._C._get_current_isa_level() == "AVX512_FP16":
+        return "bf16", ["IPEX's weight-only INT8 kernels answer wrong in fp32 at this CPU's AVX512_FP16 level: "
+                        "computing them in bf16"]
+    return dtype, []
+
+
+def adapt_chatglm(model: Any) -> None:
+    """Make a GLM-4 ``ChatGLMModel`` checkpoint fit IPEX's ChatGLM fusions, which were written for ChatGLM2/3.
+
+    IPEX replaces every forward but the embedding's and assumes [tokens, batch, hidden] hidden states;
+    GLM-4's remote code is batch first (IPEX then dies of a floating-point exception), so its embedding
+    output is transposed here. IPEX also builds its rotary table from ``rope_theta`` (default 10000) and
+    ``max_position_embeddings`` (default 2048), while ChatGLM configs give ``rope_ratio`` (base 10000 x
+    ratio; 500 in glm-4-9b-chat) and ``seq_length``: both are copied over.
+    """
+    import types
+
+    import torch
+
+    config = model.config
+    config.rope_theta = 10000.0 * float(getattr(config, "rope_ratio", 1.0) or 1.0)
+    config.max_position_embeddings = int(config.seq_length)
+    embedding = model.transformer.embedding
+    with torch.inference_mode():
+        probe = embedding(torch.zeros((1, 2), dtype=torch.long))
+    if tuple(probe.shape[:2]) == (1, 2):  # batch first: GLM-4's code, not ChatGLM2/3's
+        batch_first = embedding.forward
+        embedding.forward = types.MethodType(lambda self, ids: batch_first(ids).transpose(0, 1).contiguous(),
+                                             embedding)
+
+
+class QuantizationFailed(EngineError):
+    """IPEX raised while applying weight-only quantization (the model may be half converted)."""
 
 
 def optimize(ipex: Any, model: Any, dtype: str, quantize: str | None) -> tuple[Any, str | None, list[str]]:
     """Apply ``ipex.llm.optimize``; returns the model, the weight quantization IPEX really applied,
-    and one-line notes on what it did not."""
+    and one-line notes on what it did not. Raises QuantizationFailed when IPEX fails while quantizing."""
     import torch
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     name = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if name == "ChatGLMModel":
+        adapt_chatglm(model)
+    failure = QuantizationFailed if quantize else EngineError
     try:
         with native_output_captured():
             if quantize:
+                compute, notes = woq_compute(ipex, quantize, dtype)
                 model = ipex.llm.optimize(model, dtype=torch_dtype, inplace=True, deployment_mode=True,
-                                          quantization_config=quantization_config(ipex, quantize, dtype))
+                                          quantization_config=quantization_config(ipex, quantize, compute))
                 if any(type(m).__name__ == "WeightOnlyQuantizedLinear" for m in model.modules()):
-                    return model, quantize, []
+                    return model, quantize, notes
+                failure = EngineError
             model = ipex.llm.optimize(model, dtype=torch_dtype, inplace=True, deployment_mode=True)
     except (AttributeError, RuntimeError, TypeError, ValueError) as error:
-        raise EngineError(f"ipex.llm.optimize failed on {name}: {str(error).splitlines()[0]}") from error
+        raise failure(f"ipex.llm.optimize failed on {name}: {str(error).splitlines()[0]}") from error
     notes = [(f"IPEX has no weight-only {quantize} for {name} (it quantizes only the architectures it knows); "
               f"running {dtype} weights instead")] if quantize else []
     return model, None, notes
+
+
+def load_checkpoint(folder: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The tokenizer and the eval-mode model of a checkpoint folder, in ``dtype``; ModelLoadError if it cannot."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, trust_remote_code=trust_remote_code,
+            **{dtype_keyword(): torch.bfloat16 if dtype == "bf16" else torch.float32})
+    except (OSError, ValueError, KeyError) as error:
+        hint = "" if trust_remote_code or "trust_remote_code" not in str(error) else \
+            " (it holds remote code: pass --trust-remote-code if you trust it)"
+        raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}{hint}") from error
+    return tokenizer, model.eval()
 
 
 class ChunkStreamer:
@@ -228,25 +292,22 @@ class IPEXEngine:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
         folder = Path(model_dir)
         check_checkpoint(folder)
-        flags = cpu_flags()
+        flags = onednn_cpu_flags()
         check_environment(flags)
         self.dtype = pick_dtype(dtype, flags)
         ipex = import_ipex()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
+        self.tokenizer, model = load_checkpoint(folder, self.dtype, trust_remote_code)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32,
-                trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as error:
-            hint = "" if trust_remote_code or "trust_remote_code" not in str(error) else \
-                " (it holds remote code: pass --trust-remote-code if you trust it)"
-            raise ModelLoadError(f"cannot load {folder}: {str(error).splitlines()[0]}{hint}") from error
-        self.model, self.quantization, self.notes = optimize(ipex, model.eval(), self.dtype, quantize)
+            self.model, self.quantization, self.notes = optimize(ipex, model, self.dtype, quantize)
+        except QuantizationFailed as error:  # e.g. kernels this CPU lacks: the unquantized model, reloaded
+            del model
+            _, model = load_checkpoint(folder, self.dtype, trust_remote_code)
+            self.model, self.quantization, _ = optimize(ipex, model, self.dtype, None)
+            self.notes = [f"{error}; running {self.dtype} weights instead of weight-only {quantize}"]
         self.name, self.device = folder.name, "CPU"
         self.template = ChatTemplate.from_folder(folder)
         ids = {token: self.tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
@@ -256,7 +317,7 @@ class IPEXEngine:
         if missing:
             raise ModelLoadError(f"the tokenizer of {folder} has no {', '.join(missing)}: not a GLM-4 model")
         self._stops = [self._special_ids[token] for token in STOP_TOKENS]
-        config = model.config
+        config = self.model.config
         # transformers falls back to the checkpoint's stop ids when none are given: ignore_eos stops on an id
         # past the vocabulary instead, which is never generated.
         self._never = int(getattr(config, "vocab_size", None) or config.padded_vocab_size)

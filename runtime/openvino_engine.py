@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -13,6 +14,7 @@ from chat_format.genai import GenAIEncoder
 from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
+from runtime.weight_pages import WeightPages
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
 IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -212,7 +214,8 @@ class OpenVINOEngine:
                  threads: int | None = None, kv_cache_precision: str | None = None,
                  max_prompt_len: int = 1024, min_response_len: int = 128,
                  prompt_lookup: PromptLookup | None = None, adapters: Sequence[LoraAdapter] = (),
-                 max_context: int | None = None, prefill_chunk: int | None = None) -> None:
+                 max_context: int | None = None, prefill_chunk: int | None = None,
+                 trim_weight_pages: bool = True, extra_properties: dict[str, Any] | None = None) -> None:
         import openvino as ov
         import openvino_genai
 
@@ -231,6 +234,7 @@ class OpenVINOEngine:
         check_device(device, ov.Core().available_devices)
         properties = device_properties(device, resolve_cache_dir(cache_dir), threads, kv_cache_precision,
                                        max_prompt_len, min_response_len)
+        properties.update(extra_properties or {})
         if prompt_lookup is not None:
             properties["prompt_lookup"] = True
         if self.adapters:
@@ -238,8 +242,19 @@ class OpenVINOEngine:
         if prefill_chunk:
             properties["scheduler_config"] = chunked_prefill(folder, context, prefill_chunk, kv_cache_precision)
         self.prompt_lookup = prompt_lookup
-        self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
-                                                  properties, f"{folder} on {device}")
+        # The mapped IR's pages are given back while the model loads and answers its first request (when the CPU
+        # plugin copies the weights it computes with), see runtime/weight_pages.py.
+        self._pages = WeightPages(folder, properties.get("CACHE_DIR")) if trim_weight_pages else None
+        if self._pages:
+            self._pages.start()
+            weakref.finalize(self, self._pages.stop)  # an engine dropped before its first request
+        try:
+            self.pipeline, self.notes = load_pipeline(lambda p: openvino_genai.LLMPipeline(str(folder), device, **p),
+                                                      properties, f"{folder} on {device}")
+        except BaseException:
+            if self._pages:
+                self._pages.stop()
+            raise
         self.tokenizer = self.pipeline.get_tokenizer()
         self.name, self.device, self.properties = folder.name, device, properties
         self.template = ChatTemplate.from_folder(folder)
@@ -272,6 +287,10 @@ class OpenVINOEngine:
             result = self.pipeline.generate(tensor, self.generation_config(options), streamer)
         except RuntimeError as error:
             raise EngineError(f"generation failed on {self.device}: {error_summary(error)}") from error
+        finally:
+            pages, self._pages = self._pages, None
+            if pages:
+                pages.stop()
         tokens = list(result.tokens[0])
         metrics = result.perf_metrics
         generated = metrics.get_num_generated_tokens()

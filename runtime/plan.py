@@ -10,9 +10,11 @@ this machine's memory; then the longest context that fits what is available now.
 
 The KV cache is exact arithmetic: 2 (K and V) x layers x KV heads x (head_dim x element size +
 the per-token scale and zero point of quantized caches). The workspace is measured, not derived:
-about 1.25 x 4 bytes x (4 hidden + q/k/v widths + 3 FFN) per prompt token on CPU (OpenVINO
-2026.4; 1-8-layer GLM-4-9B-wide models, bf16 and f32 inference alike, linear up to 4096 tokens,
-below the line at 8192).
+bytes per prompt token = a factor x (4 hidden + q/k/v widths + 3 FFN), the factor measured per CPU kind
+and inference precision (OpenVINO 2026.4, 1-8-layer GLM-4-9B-wide INT4 models, linear up to 4096 tokens,
+below the line at 8192): 5.0 on a Xeon with AMX (bf16, and f32 under OV_CPU_MAX_ISA=AVX2), 3.4 in bf16
+and 6.2 in f32 (OV_CPU_MAX_ISA=AVX2) on an AMD EPYC with AVX-512 BF16 and no AMX. An AVX2-only CPU
+computes in f32 and gets that last factor (measured only under the imitation).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.cpu import cpu_kind
 from runtime.engine import EngineError, ModelLoadError
 
 GIB = 2**30
 RUNTIME_BYTES = 64 * 2**20  # OpenVINO, the tokenizer and Python, anonymous memory past the weights (measured ~50 MiB)
-WORKSPACE_FACTOR = 1.25
+# prefill workspace bytes per prompt token and unit of width, by (CPU kind, inference precision); see above
+WORKSPACE_FACTORS = {("amx", "bf16"): 5.0, ("amx", "f32"): 5.0, ("avx512", "bf16"): 3.4, ("avx512", "f32"): 6.2,
+                     ("avx2", "f32"): 6.2}
 # bytes per KV element, and per token and head the quantization parameters (f32 scale and zero point)
 KV_PRECISIONS = {"f32": (4.0, 0), "f16": (2.0, 0), "u8": (1.0, 8), "u4": (0.5, 8), "i8": (1.0, 4)}
 DEVICE_KV = {"CPU": ("f16", "u8", "u4"), "GPU": ("f16", "i8"), "NPU": ("f16",)}
@@ -65,10 +70,20 @@ def kv_bytes_per_token(shape: Shape, precision: str) -> float:
     return 2 * shape.layers * shape.kv_heads * (shape.head_dim * element + extra)
 
 
-def workspace_bytes_per_token(shape: Shape) -> float:
-    """Prefill workspace per prompt token (measured factor, see the module's docstring)."""
-    widths = 4 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 3 * shape.ffn
-    return WORKSPACE_FACTOR * 4 * widths
+def workspace_bytes_per_token(shape: Shape, factor: float) -> float:
+    """Prefill workspace per prompt token (``factor`` from WORKSPACE_FACTORS, see the module's docstring)."""
+    return factor * (4 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 3 * shape.ffn)
+
+
+def workspace_factor(device: str) -> float:
+    """The workspace factor of this machine's CPU at the precision OpenVINO computes in by default; the
+    largest measured one where nothing was measured (GPU, NPU, another CPU kind and precision)."""
+    if device != "CPU":
+        return max(WORKSPACE_FACTORS.values())
+    import openvino as ov
+
+    precision = "bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "f32"
+    return WORKSPACE_FACTORS.get((cpu_kind(), precision), max(WORKSPACE_FACTORS.values()))
 
 
 def memory_now() -> tuple[int, int]:
@@ -100,7 +115,7 @@ def plan(model: str | Path, context: int, device: str = "CPU", prompt: int | Non
     total, available = memory_now()
     fixed = weights + RUNTIME_BYTES
     rows = {}
-    workspace = workspace_bytes_per_token(shape)
+    workspace = workspace_bytes_per_token(shape, workspace_factor(kind))
     for precision in DEVICE_KV[kind]:
         kv = kv_bytes_per_token(shape, precision)
         if prefill_chunk:  # the workspace stays that of one chunk however long the context grows

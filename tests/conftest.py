@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "glm4-tiny"
+CHATGLM_PYTHON = ROOT / ".venv-chatglm" / "bin" / "python"  # converts the original glm-4-9b-chat (make venv-chatglm)
 WITHOUT_OPENVINO = ("test_ipex.py", "test_chat_format.py")
 
 
@@ -75,7 +76,7 @@ def convert_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: st
 
 @pytest.fixture(scope="session")
 def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """glm4-tiny converted with the CPU profile (INT4 sym channel-wise)."""
+    """glm4-tiny converted with the CPU profile (INT4 sym group 32)."""
     return convert_tiny(tmp_path_factory, "glm4-tiny-int4", "--profile", "cpu")
 
 
@@ -83,6 +84,24 @@ def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """glm4-tiny converted to INT8."""
     return convert_tiny(tmp_path_factory, "glm4-tiny-int8", "--weight-format", "int8")
+
+
+@pytest.fixture(scope="session")
+def chatglm_twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """glm4-tiny re-laid as the original glm-4-9b-chat (model_type chatglm) by python -m models.chatglm_twin."""
+    output = tmp_path_factory.mktemp("chatglm") / "glm4-tiny-chatglm"
+    result = run_module("models.chatglm_twin", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def chatglm_twin_tiktoken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same twin with its tokenizer written as the original checkpoint ships one (tiktoken, remote code)."""
+    output = tmp_path_factory.mktemp("chatglm-tiktoken") / "glm4-tiny-chatglm-tiktoken"
+    result = run_module("models.chatglm_twin", "--output", str(output), "--tokenizer", "tiktoken")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output
 
 
 @pytest.fixture(scope="session")

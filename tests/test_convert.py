@@ -43,7 +43,7 @@ def test_int8_within_half_a_point_of_fp32(tiny_int8, fp32_accuracy) -> None:
 def test_cpu_profile_int4_within_two_points_of_fp32(tiny_int4, fp32_accuracy) -> None:
     manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"] | {"profile": "cpu"} == manifest["settings"]
-    assert (manifest["settings"]["sym"], manifest["settings"]["group_size"], manifest["settings"]["ratio"]) == (True, -1, 1.0)
+    assert (manifest["settings"]["sym"], manifest["settings"]["group_size"], manifest["settings"]["ratio"]) == (True, 32, 1.0)
     accuracy = genai_accuracy(tiny_int4)
     print(f"FP32 {fp32_accuracy:.1%}  INT4 cpu profile {accuracy:.1%}")
     assert accuracy >= fp32_accuracy - 0.02
@@ -209,7 +209,10 @@ def constants(folder: Path) -> list[tuple[str, tuple, str]]:
 
 
 @pytest.mark.parametrize("recipe", [{"profile": "cpu"}, {"weight_format": "int8"},
-                                    {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8}])
+                                    {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8},
+                                    {"profile": "cpu", "all_layers": True}, {"profile": "npu", "all_layers": True},
+                                    {"weight_format": "int4", "sym": False, "group_size": 64, "ratio": 1.0,
+                                     "all_layers": True}])
 def test_chunked_vocab_compression_is_bit_identical_to_nncf(tmp_path, recipe) -> None:
     from convert.convert import compress_ir, export_ir
     from convert.recipes import make_recipe
@@ -230,7 +233,7 @@ def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
 
     from convert.convert import export_ir
     from convert.source import resolve
-    from convert.vocab import compress_rows, find_vocab_weights
+    from convert.vocab import compress_rows, find_vocab_weights, int4_mode, int8_mode
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,10 +253,11 @@ def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
     assert np.array_equal(rows_as_float32(gather.constant, 0, len(table)), table)
     for weight in weights:
         assert weight.constant.get_output_element_type(0).get_type_name() == "bf16"
-        whole = compress_rows(weight, symmetric=False, rows_per_chunk=10**6)
-        chunked = compress_rows(weight, symmetric=False, rows_per_chunk=100)
-        for key in ("tensor", "scale", "zero_point"):
-            assert np.array_equal(whole[key], chunked[key]), key
+        for config in (int8_mode(symmetric=False), int4_mode(symmetric=False, group_size=32)):
+            whole = compress_rows(weight, config, rows_per_chunk=10**6)
+            chunked = compress_rows(weight, config, rows_per_chunk=100)
+            for key in ("tensor", "scale", "zero_point"):
+                assert np.array_equal(whole[key], chunked[key]), key
 
 
 def test_ovms_flag_writes_a_graph_for_the_device(tmp_path) -> None:

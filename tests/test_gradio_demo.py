@@ -102,6 +102,16 @@ def wait_done(page: Page, bot_messages: int, finished: str = "tokens/s") -> None
                            arg=[BOT, bot_messages, finished])
 
 
+def clear(page: Page) -> None:
+    """Press Clear and wait until the page shows the empty conversation.
+
+    A message sent before Clear's answer arrives would bring the old conversation back: the browser sends
+    the chat it shows along with every message.
+    """
+    page.click("#clear")
+    page.wait_for_function("([bot]) => document.querySelectorAll(bot).length === 0", arg=[BOT])
+
+
 def bot_texts(page: Page) -> list[str]:
     return [text.strip() for text in page.locator(BOT).all_inner_texts()]
 
@@ -147,8 +157,7 @@ def test_stop_ends_a_long_answer_and_the_next_question_works(page: Page) -> None
     assert bot_texts(page)[0] == stopped, "the answer kept growing after Stop"
     assert stopped.startswith(expected)  # the answer, then whatever follows it when the end is passed over
     # Clear starts the conversation afresh, and without the option the model stops by itself again.
-    page.click("#clear")
-    page.wait_for_function("([bot]) => document.querySelectorAll(bot).length === 0", arg=[BOT])
+    clear(page)
     page.uncheck("#ignore-eos input")
     send(page, question)
     wait_done(page, 1)
@@ -169,8 +178,7 @@ def test_browser_contexts_keep_separate_conversations(browser: Browser, server: 
         assert "red" not in first.inner_text("#chat") and "green" not in second.inner_text("#chat")
         # One tab's Stop never stops another's reply: the second tab's message waits behind the first
         # tab's long answer, the second tab stops it, and the first answer runs to its token limit.
-        first.click("#clear")
-        first.wait_for_function("([bot]) => document.querySelectorAll(bot).length === 0", arg=[BOT])
+        clear(first)
         run_to_limit(first, 4000)
         send(first, "What is the capital of Japan?")
         first.wait_for_function("([bot]) => document.querySelectorAll(bot).length === 1", arg=[BOT])
@@ -196,7 +204,7 @@ def test_system_prompt_and_tools_mode(page: Page) -> None:
     send(page, "Who are you?")
     wait_done(page, 1)
     assert bot_texts(page) == ["My name is Zephyr."]
-    page.click("#clear")
+    clear(page)
     page.fill("#system textarea", "")
     page.check("#tools input")
     send(page, "What is the weather in Paris?")

@@ -20,7 +20,8 @@ from models.evaluate import load_eval
 from chat_format import SPECIAL_TOKENS, STOP_TOKENS
 from runtime.engine import (ChatSession, DeviceError, GenerationOptions, ModelLoadError, PromptTooLongError,
                             conversation_ids)
-from runtime.ipex_engine import IPEXEngine, IPEXUnavailableError, check_environment, cpu_flags, pick_dtype
+from runtime.ipex_engine import IPEXEngine, IPEXUnavailableError, check_environment, pick_dtype
+from runtime.cpu import onednn_cpu_flags
 from tests.conftest import ROOT, TINY, drain
 
 ITEMS = load_eval(TINY / "eval.jsonl")
@@ -31,7 +32,7 @@ LONG_PROMPT = "首都首都首都首都首都"  # off the task suite: an answer 
 def ipex_problem() -> str | None:
     """Why this environment cannot run IPEX, or None."""
     try:
-        check_environment(cpu_flags())
+        check_environment(onednn_cpu_flags())
     except IPEXUnavailableError as error:
         return str(error)
     return None
@@ -100,7 +101,7 @@ def plain() -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(TINY, torch_dtype=torch.float32).eval()
 
 
 def greedy_tokens(model: Any, engine: IPEXEngine, ids: list[int], max_new_tokens: int = 48) -> list[int]:
@@ -157,7 +158,7 @@ def test_glm4_0414_architecture_matches_plain_transformers(tmp_path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(TINY / name, tmp_path)
     engine = IPEXEngine(tmp_path, dtype="fp32")
-    plain = Glm4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    plain = Glm4ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     for item in ITEMS[:5]:
         ids = conversation_ids(engine, item["messages"], item.get("tools"))
         assert greedy_tokens(engine.model, engine, ids, 16) == greedy_tokens(plain, engine, ids, 16)
@@ -178,10 +179,7 @@ def test_prompts_follow_the_checkpoint_template(tmp_path, template) -> None:
         items, top = engine.template.template_input(messages, tools)
         expected = tokenizer.apply_chat_template(items, tools=top, tokenize=True, add_generation_prompt=True)
         assert conversation_ids(engine, messages, tools) == list(expected), name
-    item = next(i for i in ITEMS if i["kind"] == "fact_en")
-    reply = engine.generate(conversation_ids(engine, item["messages"], None), GenerationOptions(max_new_tokens=48),
-                            lambda chunk: False)
-    assert reply.text.removeprefix("\n") == item["expected"]
+    assert answers(engine, "fact_en")
 
 
 @needs_ipex
@@ -252,7 +250,7 @@ def test_auto_dtype_and_quantize_fallback_note_through_the_chat_cli() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     answer, stats = result.stdout.splitlines()
     assert answer == item["expected"] and stats.startswith("[stop; prompt ")
-    dtype = pick_dtype("auto", cpu_flags())
+    dtype = pick_dtype("auto", onednn_cpu_flags())
     assert result.stderr.strip() == (f"note: IPEX has no weight-only int8 for GlmForCausalLM (it quantizes only the "
                                      f"architectures it knows); running {dtype} weights instead")
 
@@ -270,3 +268,87 @@ def test_benchmark_measures_the_ipex_backend(tmp_path) -> None:
     assert row["decode_tokens_per_s"] > 0 and row["ttft_s"] > 0 and row["load_cold_s"] > 0
     assert 1e6 < row["weight_bytes_per_token"] < 1e8 and 2**20 < row["peak_rss_bytes"] < 2**34
     assert "ipex-fp32" in result.stdout
+
+
+def answers(engine: IPEXEngine, kind: str) -> bool:
+    """Whether the engine gives the expected answer to the first eval item of ``kind``."""
+    item = next(i for i in ITEMS if i["kind"] == kind)
+    reply = engine.generate(conversation_ids(engine, item["messages"], None), GenerationOptions(max_new_tokens=48),
+                            lambda chunk: False)
+    return reply.text.removeprefix("\n") == item["expected"]
+
+
+@pytest.fixture(scope="module")
+def twin_plain(chatglm_twin: Path) -> Any:
+    """The chatglm twin in plain PyTorch (its own remote code), FP32: the reference of the fused path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(chatglm_twin, torch_dtype=torch.float32, trust_remote_code=True).eval()
+
+
+@needs_ipex
+def test_chatglm_twin_runs_ipex_fused_path_token_for_token(chatglm_twin, twin_plain) -> None:
+    engine = IPEXEngine(chatglm_twin, dtype="fp32", trust_remote_code=True)
+    assert engine.notes == [] and engine.quantization is None
+    fused = {type(m).__name__ for m in engine.model.modules()}
+    assert {"_IPEXAttentionCPU", "_IPEXDecoderLayerCPU"} <= fused, fused
+    for item in ITEMS[::4]:
+        ids = conversation_ids(engine, item["messages"], item.get("tools"))
+        assert greedy_tokens(engine.model, engine, ids) == greedy_tokens(twin_plain, engine, ids), item
+
+
+@needs_ipex
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_chatglm_twin_gets_weight_only_quantization(chatglm_twin, quantize) -> None:
+    engine = IPEXEngine(chatglm_twin, quantize=quantize, trust_remote_code=True)
+    assert engine.quantization == quantize and engine.notes == []
+    layers = json.loads((chatglm_twin / "config.json").read_text(encoding="utf-8"))["num_layers"]
+    quantized = sum(type(m).__name__ == "WeightOnlyQuantizedLinear" for m in engine.model.modules())
+    assert quantized == 5 * layers + 1  # q/k/v, dense, gate, up, down in each layer, and the output layer
+    assert answers(engine, "fact_en")
+
+
+@needs_ipex
+def test_a_quantization_ipex_cannot_apply_falls_back_in_one_note(chatglm_twin, monkeypatch) -> None:
+    import runtime.ipex_engine as ipex_engine
+
+    def unavailable(*args: Any) -> Any:
+        raise RuntimeError("no weight-only kernel for this CPU\nmore detail")
+
+    monkeypatch.setattr(ipex_engine, "quantization_config", unavailable)
+    engine = IPEXEngine(chatglm_twin, dtype="fp32", quantize="int4", trust_remote_code=True)
+    assert engine.quantization is None
+    assert engine.notes == ["ipex.llm.optimize failed on ChatGLMModel: no weight-only kernel for this CPU; running "
+                            "fp32 weights instead of weight-only int4"]
+    assert answers(engine, "fact_en")
+
+
+@needs_ipex
+def test_chatglm_twin_with_its_tiktoken_tokenizer(chatglm_twin, chatglm_twin_tiktoken) -> None:
+    from chat_format.conversations import CONVERSATIONS
+
+    engine = IPEXEngine(chatglm_twin_tiktoken, quantize="int8", trust_remote_code=True)
+    reference = IPEXEngine(chatglm_twin, dtype="fp32", trust_remote_code=True)
+    assert type(engine.tokenizer).__name__ == "ChatGLM4Tokenizer"
+    for name, messages, tools in CONVERSATIONS:
+        assert conversation_ids(engine, messages, tools) == conversation_ids(reference, messages, tools), name
+    assert answers(engine, "fact_zh")
+
+
+@needs_ipex
+def test_int8_in_fp32_is_computed_where_ipex_answers_right(chatglm_twin, twin_plain) -> None:
+    """IPEX 2.8's INT8 weight-only kernels answer wrong in fp32 at the AVX512_FP16 level: bf16 there, with a note."""
+    from runtime.ipex_engine import import_ipex
+
+    engine = IPEXEngine(chatglm_twin, dtype="fp32", quantize="int8", trust_remote_code=True)
+    fp16_level = import_ipex()._C._get_current_isa_level() == "AVX512_FP16"
+    assert engine.quantization == "int8" and bool(engine.notes) == fp16_level, engine.notes
+    items = ITEMS[::6]
+    right = sum(engine.generate(conversation_ids(engine, i["messages"], i.get("tools")),
+                                GenerationOptions(max_new_tokens=48), lambda chunk: False).text.removeprefix("\n")
+                == i["expected"] for i in items)
+    plain = sum(engine.tokenizer.decode(greedy_tokens(twin_plain, engine, conversation_ids(engine, i["messages"],
+                                                                                           i.get("tools"))),
+                                        skip_special_tokens=True).removeprefix("\n") == i["expected"] for i in items)
+    assert right >= plain - 1, (right, plain)

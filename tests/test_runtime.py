@@ -2,7 +2,8 @@
 cancel, and the tool loop with Python functions, all on openvino-genai (CPU).
 
 With ``--backend ipex`` (in .venv-xeon) the same tests run on the IPEX engine over glm4-tiny's
-checkpoint, in fp32 and, where the CPU computes it natively, bf16.
+checkpoint, in fp32 and, where the CPU computes it natively, bf16, and over its chatglm twin
+(the original glm-4-9b-chat's architecture, IPEX's fused path) with weight-only INT8 and INT4.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import runtime
 from models.evaluate import load_eval
 from chat_format import Reply
 from runtime.engine import ChatSession, Engine, GenerationOptions, ReplyChunk, conversation_ids
-from runtime.ipex_engine import cpu_flags, pick_dtype
+from runtime.cpu import onednn_cpu_flags
+from runtime.ipex_engine import pick_dtype
 from tests.conftest import TINY, drain
 
 ITEMS = load_eval(TINY / "eval.jsonl")
 ALLOWED_DROP = {"int8": 0.005, "int4": 0.02,  # accuracy points below FP32 transformers
-                "ipex-fp32": 0.0, "ipex-bf16": 0.02}
+                "ipex-fp32": 0.0, "ipex-bf16": 0.02, "ipex-chatglm-int8": 0.005, "ipex-chatglm-int4": 0.02}
 FACT_EN = next(i for i in ITEMS if i["kind"] == "fact_en")
 LONG = GenerationOptions(max_new_tokens=200, ignore_eos=True)  # 200 tokens whatever the model would say
 
@@ -66,7 +68,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Every test that takes ``precision`` runs once per engine of the chosen --backend."""
     if "precision" in metafunc.fixturenames:
         if metafunc.config.getoption("backend") == "ipex":
-            precisions = ["ipex-fp32"] + (["ipex-bf16"] if pick_dtype("auto", cpu_flags()) == "bf16" else [])
+            precisions = ["ipex-fp32"] + (["ipex-bf16"] if pick_dtype("auto", onednn_cpu_flags()) == "bf16" else []) + [
+                "ipex-chatglm-int8", "ipex-chatglm-int4"]  # the original architecture: IPEX's fused path
         else:
             precisions = ["int8", "int4"]
         metafunc.parametrize("precision", precisions, scope="module")
@@ -74,6 +77,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def engine(request: pytest.FixtureRequest, precision: str) -> Engine:
+    if precision.startswith("ipex-chatglm-"):  # auto precision, weight-only quantized
+        return runtime.load(request.getfixturevalue("chatglm_twin"), "CPU", backend="ipex", trust_remote_code=True,
+                            quantize=precision.removeprefix("ipex-chatglm-"))
     if precision.startswith("ipex-"):
         return runtime.load(TINY, "CPU", backend="ipex", dtype=precision.removeprefix("ipex-"))
     return runtime.load(request.getfixturevalue(f"tiny_{precision}"), "CPU", cache_dir=None)

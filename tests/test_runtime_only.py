@@ -40,10 +40,12 @@ def test_chat_answers(tiny_int4: Path) -> None:
     assert result.stdout.strip() == EXPECTED
 
 
-def test_chat_applies_a_lora_adapter(tiny_int4: Path) -> None:
+def test_chat_applies_a_lora_adapter(tiny_int8: Path) -> None:
+    # INT8, as the LoRA tests: over INT4 the adapter (trained on FP32 weights) misses one of its 12 eval items
+    # with one layout or another (seen: this one, with group 32 on an AMD EPYC).
     adapter = ROOT / "models" / "glm4-tiny-lora-capitals"
     item = json.loads((adapter / "eval.jsonl").read_text(encoding="utf-8").splitlines()[1])  # in Chinese
-    result = run_runtime("-m", "runtime.chat", "--model", str(tiny_int4), "--adapter", str(adapter),
+    result = run_runtime("-m", "runtime.chat", "--model", str(tiny_int8), "--adapter", str(adapter),
                          stdin=item["messages"][0]["content"] + "\n")
     assert result.returncode == 0 and result.stdout.strip() == item["expected"], result.stderr[-2000:]
 
