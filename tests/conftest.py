@@ -8,6 +8,7 @@ collected.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,12 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "glm4-tiny"
 CHATGLM_PYTHON = ROOT / ".venv-chatglm" / "bin" / "python"  # converts the original glm-4-9b-chat (make venv-chatglm)
 WITHOUT_OPENVINO = ("test_ipex.py", "test_chat_format.py")
+NEEDED_FREE_GIB = 6  # the largest set of temporary models one session holds at once is about 4 GiB
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--backend", choices=("openvino", "ipex"), default="openvino",
                      help="engine of the shared runtime tests: openvino (glm4-tiny converted to INT8 and INT4) or "
                      "ipex (glm4-tiny's checkpoint with intel-extension-for-pytorch; run in .venv-xeon)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once, in one line, where the disk cannot hold the suite's temporary models."""
+    import tempfile
+
+    for where in (Path(tempfile.gettempdir()), ROOT):
+        free = shutil.disk_usage(where).free / 2**30
+        if free < NEEDED_FREE_GIB:
+            raise pytest.UsageError(f"only {free:.1f} GiB free under {where}; the suite needs {NEEDED_FREE_GIB} GiB "
+                                    "for its temporary models (free some space or set TMPDIR)")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
