@@ -40,12 +40,12 @@ demo-ui: convert-demo
 	$(PY) -m demos.gradio_chat --model $(DEMO_MODEL)
 
 test: setup browser venv-xeon venv-runtime venv-chatglm peer
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 	$(MAKE) test-xeon
 
 # The whole suite as an AVX2-only machine runs it (see AVX2_ONLY), for a check on a newer CPU.
 test-avx2: setup browser venv-xeon venv-runtime venv-chatglm peer
-	$(AVX2_ONLY) $(PY) -m pytest -q tests
+	$(AVX2_ONLY) $(PY) -m pytest -q --durations=12 tests
 	$(AVX2_ONLY) $(MAKE) test-xeon
 
 # Debian's Chromium (and a CJK font) for the browser tests; Playwright drives it and never downloads one.
@@ -81,7 +81,7 @@ venv-runtime: .venv-runtime/.installed
 
 # The IPEX engine and the shared runtime tests on glm4-tiny, in the Xeon environment.
 test-xeon: venv-xeon
-	.venv-xeon/bin/python -m pytest -q tests/test_ipex.py tests/test_runtime.py --backend ipex
+	.venv-xeon/bin/python -m pytest -q --durations=5 tests/test_ipex.py tests/test_runtime.py --backend ipex
 
 train-tiny: setup
 	$(PY) -m models.train_tiny --output models/glm4-tiny
