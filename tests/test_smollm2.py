@@ -56,6 +56,11 @@ def test_the_proxy_converts_and_continues_real_text(proxy: Path, tmp_path: Path)
     config = pipeline.get_generation_config()
     config.max_new_tokens, config.apply_chat_template = 8, False
     assert "Paris" in pipeline.generate("The capital of France is", config)
+    if TEXT.is_file():  # INT8 keeps real weights' next-token distribution
+        from convert.compare import compare, reference
+
+        scores = compare(str(proxy), output, ref=reference(str(proxy), text=TEXT))
+        assert scores["top1_agreement"] > 0.85 and scores["perplexity"] < 1.05 * scores["source_perplexity"]
 
 
 @pytest.mark.skipif(not TEXT.is_file(), reason=f"needs {TEXT} (Debian's base-files)")
@@ -63,10 +68,9 @@ def test_the_cpu_profile_keeps_real_weights_closer_than_channel_wise_int4(proxy:
     """Why the CPU profile is group 32: on real weights channel-wise INT4 (the NPU profile) loses far more.
     Measured (AMD EPYC): top-1 agreement 66% against 50%, perplexity 35.3 against 52.3 (FP32: 28.0)."""
     out = tmp_path / "accuracy.json"
-    result = run_module("convert.accuracy", "--model", str(proxy), "--text", str(TEXT), "--recipes", "int8,cpu,npu",
+    result = run_module("convert.accuracy", "--model", str(proxy), "--text", str(TEXT), "--recipes", "cpu,npu",
                         "--json", str(out), timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["recipe"]: row for row in json.loads(out.read_text(encoding="utf-8"))}
-    assert rows["int8"]["top1_agreement"] > 0.85 and rows["int8"]["perplexity"] < 1.05 * rows["int8"]["source_perplexity"]
     assert rows["cpu"]["top1_agreement"] > rows["npu"]["top1_agreement"] + 0.05
     assert rows["cpu"]["perplexity"] < 0.85 * rows["npu"]["perplexity"]
