@@ -51,19 +51,19 @@ def memory_bandwidth(size_mb: int = 512, repeats: int = 7, threads: int = 2) -> 
 
     chunks = [np.ones(size_mb * 2**20 // threads, dtype=np.uint8) for _ in range(threads)]
     reads = ((np.count_nonzero, chunks), (np.add.reduce, [chunk.view(np.uint64) for chunk in chunks]))
-    speeds = []
-    for _ in range(repeats):
-        best = 0.0
-        for read, views in reads:
-            workers = [threading.Thread(target=read, args=(view,)) for view in views]
-            start = time.perf_counter()
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            best = max(best, size_mb * 2**20 / (time.perf_counter() - start))
-        speeds.append(best)
+    speeds = [max(size_mb * 2**20 / parallel_seconds(read, views) for read, views in reads) for _ in range(repeats)]
     return max(speeds), min(speeds) / max(speeds)
+
+
+def parallel_seconds(function: Any, arguments: list[Any]) -> float:
+    """Wall time of ``function`` called on each of ``arguments`` at once, one thread each."""
+    workers = [threading.Thread(target=function, args=(argument,)) for argument in arguments]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - start
 
 
 def weight_bytes_per_token(model_xml: Path) -> int:
