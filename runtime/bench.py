@@ -325,6 +325,14 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def ov_config_of(items: list[str]) -> dict[str, str]:
+    """``--ov-config`` KEY=VALUE items as plugin settings (ValueError for an item without both)."""
+    pairs = [item.partition("=") for item in items]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise ValueError("--ov-config takes KEY=VALUE pairs")
+    return {key: value for key, _, value in pairs}
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", required=True, help="[RUNNER:]FOLDER ...: converted folders (openvino), "
@@ -366,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print("error: --prompt-lengths must be integers >= 4, --max-new-tokens >= 2, --runs >= 1", file=sys.stderr)
         return 2
-    pairs = [item.partition("=") for item in args.ov_config]
-    if any(not key or not sep for key, sep, _ in pairs):
-        print("error: --ov-config takes KEY=VALUE pairs", file=sys.stderr)
+    try:
+        ov_config = ov_config_of(args.ov_config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     missing = [m for m in args.model if not Path(split_model(m, args.runner)[1]).is_dir()]
     if missing:
@@ -389,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = bench(args.model, args.runner, args.device, args.threads, lengths, args.new_tokens, args.runs,
                      args.ipex_python, args.trust_remote_code, on_rows=show, peer_ggufs=tuple(args.peer_gguf),
-                     llama_bench=args.llama_bench, ov_config={key: value for key, _, value in pairs})
+                     llama_bench=args.llama_bench, ov_config=ov_config)
     except PeerNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,214 @@
+"""Time OpenVINO's CPU kernels on one GLM-4-9B weight matrix in each weight layout, and name the kernel it picks.
+
+    python -m runtime.kernel_bench                        # 13696 x 4096 (half the FFN's gate-up), 1 and 256 rows
+    python -m runtime.kernel_bench --ov-config DYNAMIC_QUANTIZATION_GROUP_SIZE=0
+
+Each layout is built as NNCF writes it (packed integers, f16 scales and zero points, the multiply in front of the
+MatMul), compiled alone, and fed 1 row (a decode step) and a prompt's worth of rows (prefill). The table gives the
+kernel the plugin chose and the precision it runs at (``runtimePrecision``: where it is i8/u8 for an f32 input, the
+activations are quantized and multiplied as integers), weights per second, GFLOP/s, and for one row the weight
+bytes streamed as a share of the machine's read bandwidth, the ceiling decode speed meets on batch 1. ``w8a8``
+quantizes the activations statically (a FakeQuantize before the MatMul), the layout of a full INT8 model. Each
+result is checked against the product by the dequantized weights (``error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.bench import memory_bandwidth, ov_config_of
+from runtime.cpu import cpu_description
+
+# layout name -> (bits, group size or None for channel-wise, symmetric), as convert.recipes' profiles use them
+LAYOUTS: dict[str, tuple[int, int | None, bool]] = {
+    "f32": (32, None, True),
+    "int8-asym": (8, None, False),  # --weight-format int8
+    "int4-sym-g32": (4, 32, True),  # --profile cpu
+    "int4-sym-cw": (4, None, True),  # --profile npu
+    "int4-asym-g128": (4, 128, False),
+    "w8a8": (8, None, True),
+}
+ACTIVATION_RANGE = 4.0  # w8a8's static activation range: the inputs are drawn from N(0, 1)
+
+
+def quantize(weights: np.ndarray, bits: int, group: int | None, symmetric: bool) -> dict[str, np.ndarray]:
+    """Integer codes, f16 scales and (asymmetric) zero points of ``weights`` [N, K], grouped along K."""
+    n, k = weights.shape
+    grouped = weights.reshape(n, k // group, group) if group else weights.reshape(n, 1, k)
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        scale = (np.abs(grouped).max(-1, keepdims=True) / top).astype(np.float16)
+        codes = np.clip(np.round(grouped / scale.astype(np.float32)), -top - 1, top).astype(np.int8)
+        return {"codes": codes, "scale": scale}
+    low, high = grouped.min(-1, keepdims=True), grouped.max(-1, keepdims=True)
+    scale = ((high - low) / (2**bits - 1)).astype(np.float16)
+    zero = np.clip(np.round(-low / scale.astype(np.float32)), 0, 2**bits - 1).astype(np.uint8)
+    codes = np.clip(np.round(grouped / scale.astype(np.float32)) + zero, 0, 2**bits - 1).astype(np.uint8)
+    return {"codes": codes, "scale": scale, "zero": zero}
+
+
+def dequantized(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """The f32 weights [N, K] a layout stands for."""
+    values = parts["codes"].astype(np.float32) - parts.get("zero", np.zeros(1, np.uint8)).astype(np.float32)
+    values *= parts["scale"].astype(np.float32)
+    return values.reshape(values.shape[0], -1)
+
+
+def build(layout: str, weights: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The one-MatMul OpenVINO model of ``layout`` over ``weights`` [N, K], and the weights it stands for."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    bits, group, symmetric = LAYOUTS[layout]
+    n, k = weights.shape
+    rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
+    if bits == 32:
+        return ov.Model([ops.matmul(rows, ops.constant(weights), False, True)], [rows], layout), weights
+    parts = quantize(weights, bits, group, symmetric)
+    element = {(4, True): ov.Type.i4, (4, False): ov.Type.u4, (8, True): ov.Type.i8, (8, False): ov.Type.u8}
+    decompressed = ops.convert(ops.constant(parts["codes"], dtype=element[bits, symmetric]), ov.Type.f16)
+    if "zero" in parts:
+        decompressed = ops.subtract(decompressed, ops.convert(ops.constant(parts["zero"], dtype=element[bits, False]),
+                                                              ov.Type.f16))
+    decompressed = ops.multiply(decompressed, ops.constant(parts["scale"]))
+    matrix = ops.convert(ops.reshape(decompressed, ops.constant(np.array([n, k], np.int64)), False), ov.Type.f32)
+    source = rows
+    if layout == "w8a8":
+        low, high = ops.constant(np.float32(-ACTIVATION_RANGE)), ops.constant(np.float32(ACTIVATION_RANGE))
+        source = ops.fake_quantize(rows, low, high, low, high, 256)
+    return ov.Model([ops.matmul(source, matrix, False, True)], [rows], layout), dequantized(parts)
+
+
+def kernel_of(compiled: Any) -> tuple[str, str]:
+    """The kernel (primitiveType) and runtime precision of the compiled model's MatMul, after an inference."""
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("FullyConnected", "MatMul"):
+            return info["primitiveType"].astype(str), info["runtimePrecision"].astype(str)
+    return "?", "?"
+
+
+def weight_bytes(layout: str, n: int, k: int) -> int:
+    """Bytes a full read of the layout's weights, scales and zero points takes."""
+    bits, group, symmetric = LAYOUTS[layout]
+    groups = n * (k // group if group else 1)
+    return n * k * bits // 8 + (0 if bits == 32 else groups * 2 + (0 if symmetric else groups * bits / 8))
+
+
+def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: tuple[int, ...] = (1, 256),
+                 threads: int | None = None, runs: int = 5, ov_config: dict[str, str] | None = None,
+                 on_row: Any = None) -> list[dict[str, Any]]:
+    """One row per layout and row count: kernel, precision, best time of ``runs`` (and the worst as a share of it),
+    weights/s, GFLOP/s, the share of read bandwidth at one row, and the relative error of the result."""
+    import openvino as ov
+
+    threads = threads or os.cpu_count() or 1
+    bandwidth, _ = memory_bandwidth(threads=threads)
+    generator = np.random.default_rng(0)
+    weights = generator.standard_normal((n, k), dtype=np.float32) * 0.02
+    core, results = ov.Core(), []
+    for layout in layouts:
+        model, reference = build(layout, weights)
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                     **(ov_config or {})})
+        request = compiled.create_infer_request()
+        for count in row_counts:
+            rows = np.clip(generator.standard_normal((count, k), dtype=np.float32), -ACTIVATION_RANGE, ACTIVATION_RANGE)
+            expected = rows.astype(np.float64) @ reference.T.astype(np.float64)
+            got = request.infer({0: rows})[0]
+            kernel, precision = kernel_of(compiled)  # known once it has run on this shape
+            repeats = max(1, 64 // count)
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    request.infer({0: rows})
+                times.append((time.perf_counter() - start) / repeats)
+            best = min(times)
+            row = {"layout": layout, "rows": count, "kernel": kernel, "precision": precision, "threads": threads,
+                   "ms": best * 1e3, "spread": best / max(times), "weights_per_s": n * k / best,
+                   "gflops": 2 * count * n * k / best / 1e9, "weight_bytes": weight_bytes(layout, n, k),
+                   "bandwidth_bytes_per_s": bandwidth,
+                   "bandwidth_fraction": weight_bytes(layout, n, k) / best / bandwidth if count == 1 else None,
+                   "error": float(np.linalg.norm(got - expected) / np.linalg.norm(expected))}
+            results.append(row)
+            if on_row:
+                on_row(row)
+    return results
+
+
+def row_line(row: dict[str, Any]) -> str:
+    """One printed line of a measurement."""
+    share = f"{row['bandwidth_fraction']:5.0%} of read bw" if row["bandwidth_fraction"] is not None else " " * 16
+    return (f"{row['layout']:15} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} {row['ms']:9.2f} ms "
+            f"(worst {row['spread']:4.0%}) {row['weights_per_s'] / 1e9:6.1f} G weights/s {row['gflops']:7.1f} GFLOP/s "
+            f"{share}  error {row['error']:.1e}")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.kernel_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"comma-separated layouts among {', '.join(LAYOUTS)} (default: all)")
+    parser.add_argument("--shape", default="13696x4096", help="output x input features of the matrix "
+                        "(default: %(default)s; GLM-4-9B's attention output is 4096x4096, its FFN down 4096x13696)")
+    parser.add_argument("--rows", default="1,256", help="comma-separated row counts: 1 is a decode step, more a "
+                        "prompt (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads (default: all cores, %(default)s here)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the best counts (default: %(default)s)")
+    parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="CPU plugin settings on top (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns off the "
+                             "activations' dynamic quantization where the CPU has it)")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    return parser
+
+
+def parse(args: argparse.Namespace) -> tuple[list[str], int, int, tuple[int, ...], dict[str, str]]:
+    """The layouts, matrix shape, row counts and plugin settings asked for (ValueError with the reason)."""
+    layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown or not layouts:
+        raise ValueError(f"unknown layout {', '.join(unknown) or '(none)'}; choose among {', '.join(LAYOUTS)}")
+    try:
+        n, k = (int(side) for side in args.shape.lower().split("x"))
+        counts = tuple(int(count) for count in args.rows.split(","))
+    except ValueError:
+        raise ValueError("--shape takes NxK (e.g. 13696x4096) and --rows integers (e.g. 1,256)") from None
+    if min(n, k, *counts) < 1 or args.threads < 1 or args.runs < 1:
+        raise ValueError("--shape, --rows, --threads and --runs must be positive")
+    groups = {LAYOUTS[name][1] for name in layouts if LAYOUTS[name][1]}
+    if any(k % group for group in groups):
+        raise ValueError(f"the input features ({k}) must be a multiple of every group size ({sorted(groups)})")
+    return layouts, n, k, counts, ov_config_of(args.ov_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        layouts, n, k, counts, ov_config = parse(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{cpu_description()}; {n}x{k} weights, {args.threads} threads, best of {args.runs}", flush=True)
+    try:
+        rows = kernel_bench(layouts, n, k, counts, args.threads, args.runs, ov_config,
+                            on_row=lambda row: print(row_line(row), flush=True))
+    except RuntimeError as error:  # the plugin refusing a setting
+        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    print(f"read bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
