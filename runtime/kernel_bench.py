@@ -32,11 +32,13 @@ LAYOUTS: dict[str, tuple[int, int | None, bool]] = {
     "f32": (32, None, True),
     "int8-asym": (8, None, False),  # --weight-format int8
     "int4-sym-g32": (4, 32, True),  # --profile cpu
+    "int4-sym-g128": (4, 128, True),  # --profile gpu
     "int4-sym-cw": (4, None, True),  # --profile npu
     "int4-asym-g128": (4, 128, False),
     "w8a8": (8, None, True),
 }
 ACTIVATION_RANGE = 4.0  # w8a8's static activation range: the inputs are drawn from N(0, 1)
+MAX_COPIES = 64  # compiled copies of one matrix, so that the weights streamed per round outgrow the cache
 
 
 def quantize(weights: np.ndarray, bits: int, group: int | None, symmetric: bool) -> dict[str, np.ndarray]:
@@ -62,17 +64,29 @@ def dequantized(parts: dict[str, np.ndarray]) -> np.ndarray:
     return values.reshape(values.shape[0], -1)
 
 
-def build(layout: str, weights: np.ndarray) -> tuple[Any, np.ndarray]:
-    """The one-MatMul OpenVINO model of ``layout`` over ``weights`` [N, K], and the weights it stands for."""
+def build(layout: str, weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The stored parts of ``layout`` over ``weights`` [N, K] (as :func:`quantize` gives them; ``weights`` alone
+    for f32), and the weights they stand for."""
+    bits, group, symmetric = LAYOUTS[layout]
+    if bits == 32:
+        return {"weights": weights}, weights
+    parts = quantize(weights, bits, group, symmetric)
+    return parts, dequantized(parts)
+
+
+def model_of(layout: str, parts: dict[str, np.ndarray]) -> Any:
+    """The one-MatMul OpenVINO model of ``layout`` over its stored parts, with weights of its own (constants copy
+    their arrays)."""
     import openvino as ov
     from openvino import opset13 as ops
 
-    bits, group, symmetric = LAYOUTS[layout]
-    n, k = weights.shape
-    rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
+    bits, _, symmetric = LAYOUTS[layout]
     if bits == 32:
-        return ov.Model([ops.matmul(rows, ops.constant(weights), False, True)], [rows], layout), weights
-    parts = quantize(weights, bits, group, symmetric)
+        n, k = parts["weights"].shape
+        rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
+        return ov.Model([ops.matmul(rows, ops.constant(parts["weights"]), False, True)], [rows], layout)
+    n, k = parts["codes"].shape[0], parts["codes"].shape[1] * parts["codes"].shape[2]
+    rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
     element = {(4, True): ov.Type.i4, (4, False): ov.Type.u4, (8, True): ov.Type.i8, (8, False): ov.Type.u8}
     decompressed = ops.convert(ops.constant(parts["codes"], dtype=element[bits, symmetric]), ov.Type.f16)
     if "zero" in parts:
@@ -84,7 +98,7 @@ def build(layout: str, weights: np.ndarray) -> tuple[Any, np.ndarray]:
     if layout == "w8a8":
         low, high = ops.constant(np.float32(-ACTIVATION_RANGE)), ops.constant(np.float32(ACTIVATION_RANGE))
         source = ops.fake_quantize(rows, low, high, low, high, 256)
-    return ov.Model([ops.matmul(source, matrix, False, True)], [rows], layout), dequantized(parts)
+    return ov.Model([ops.matmul(source, matrix, False, True)], [rows], layout)
 
 
 def kernel_of(compiled: Any) -> tuple[str, str]:
@@ -100,14 +114,18 @@ def weight_bytes(layout: str, n: int, k: int) -> int:
     """Bytes a full read of the layout's weights, scales and zero points takes."""
     bits, group, symmetric = LAYOUTS[layout]
     groups = n * (k // group if group else 1)
-    return n * k * bits // 8 + (0 if bits == 32 else groups * 2 + (0 if symmetric else groups * bits / 8))
+    return n * k * bits // 8 + (0 if bits == 32 else groups * 2 + (0 if symmetric else groups * bits // 8))
 
 
 def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: tuple[int, ...] = (1, 256),
                  threads: int | None = None, runs: int = 5, ov_config: dict[str, str] | None = None,
-                 on_row: Any = None) -> list[dict[str, Any]]:
+                 stream_bytes: int = 1 << 30, on_row: Any = None) -> list[dict[str, Any]]:
     """One row per layout and row count: kernel, precision, best time of ``runs`` (and the worst as a share of it),
-    weights/s, GFLOP/s, the share of read bandwidth at one row, and the relative error of the result."""
+    weights/s, GFLOP/s, the share of read bandwidth at one row, and the relative error of the result.
+
+    Each layout is compiled as several copies, each with weights of its own, run in turn so that ``stream_bytes``
+    of weights pass per round (at most 64 copies): one matrix alone fits a large last-level cache (an INT4
+    13696 x 4096 is 28 MB), where decode streams every layer's weights from memory."""
     import openvino as ov
 
     threads = threads or os.cpu_count() or 1
@@ -116,28 +134,32 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
     weights = generator.standard_normal((n, k), dtype=np.float32) * 0.02
     core, results = ov.Core(), []
     for layout in layouts:
-        model, reference = build(layout, weights)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                     **(ov_config or {})})
-        request = compiled.create_infer_request()
+        parts, reference = build(layout, weights)
+        size = weight_bytes(layout, n, k)
+        copies = max(1, min(MAX_COPIES, -(-stream_bytes // size)))
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **(ov_config or {})}
+        requests = [core.compile_model(model_of(layout, parts), "CPU", config).create_infer_request()
+                    for _ in range(copies)]
         for count in row_counts:
             rows = np.clip(generator.standard_normal((count, k), dtype=np.float32), -ACTIVATION_RANGE, ACTIVATION_RANGE)
             expected = rows.astype(np.float64) @ reference.T.astype(np.float64)
-            got = request.infer({0: rows})[0]
-            kernel, precision = kernel_of(compiled)  # known once it has run on this shape
-            repeats = max(1, 64 // count)
+            got = [request.infer({0: rows})[0] for request in requests][-1]  # each copy warmed up on this shape
+            kernel, precision = kernel_of(requests[0].get_compiled_model())
+            repeats = max(1, -(-64 // (count * copies)))
             times = []
             for _ in range(runs):
                 start = time.perf_counter()
                 for _ in range(repeats):
-                    request.infer({0: rows})
-                times.append((time.perf_counter() - start) / repeats)
+                    for request in requests:
+                        request.infer({0: rows})
+                times.append((time.perf_counter() - start) / repeats / copies)
             best = min(times)
             row = {"layout": layout, "rows": count, "kernel": kernel, "precision": precision, "threads": threads,
+                   "copies": copies,
                    "ms": best * 1e3, "spread": best / max(times), "weights_per_s": n * k / best,
-                   "gflops": 2 * count * n * k / best / 1e9, "weight_bytes": weight_bytes(layout, n, k),
+                   "gflops": 2 * count * n * k / best / 1e9, "weight_bytes": size,
                    "bandwidth_bytes_per_s": bandwidth,
-                   "bandwidth_fraction": weight_bytes(layout, n, k) / best / bandwidth if count == 1 else None,
+                   "bandwidth_fraction": size / best / bandwidth if count == 1 else None,
                    "error": float(np.linalg.norm(got - expected) / np.linalg.norm(expected))}
             results.append(row)
             if on_row:
@@ -148,7 +170,7 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
 def row_line(row: dict[str, Any]) -> str:
     """One printed line of a measurement."""
     share = f"{row['bandwidth_fraction']:5.0%} of read bw" if row["bandwidth_fraction"] is not None else " " * 16
-    return (f"{row['layout']:15} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} {row['ms']:9.2f} ms "
+    return (f"{row['layout']:15} x{row['copies']:<3d} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} {row['ms']:9.2f} ms "
             f"(worst {row['spread']:4.0%}) {row['weights_per_s'] / 1e9:6.1f} G weights/s {row['gflops']:7.1f} GFLOP/s "
             f"{share}  error {row['error']:.1e}")
 
@@ -167,6 +189,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
                         help="CPU plugin settings on top (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns off the "
                              "activations' dynamic quantization where the CPU has it)")
+    parser.add_argument("--stream-mib", type=int, default=1024,
+                        help="weights run through per round, in MiB: the matrix is compiled as that many MiB of "
+                             "copies (at most 64) so that the weights come from memory, not from the cache "
+                             "(default: %(default)s; 0 runs one copy)")
     parser.add_argument("--json", help="write the rows as JSON here")
     return parser
 
@@ -184,6 +210,8 @@ def parse(args: argparse.Namespace) -> tuple[list[str], int, int, tuple[int, ...
         raise ValueError("--shape takes NxK (e.g. 13696x4096) and --rows integers (e.g. 1,256)") from None
     if min(n, k, *counts) < 1 or args.threads < 1 or args.runs < 1:
         raise ValueError("--shape, --rows, --threads and --runs must be positive")
+    if args.stream_mib < 0:
+        raise ValueError("--stream-mib must be 0 or more")
     groups = {LAYOUTS[name][1] for name in layouts if LAYOUTS[name][1]}
     if any(k % group for group in groups):
         raise ValueError(f"the input features ({k}) must be a multiple of every group size ({sorted(groups)})")
@@ -199,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{cpu_description()}; {n}x{k} weights, {args.threads} threads, best of {args.runs}", flush=True)
     try:
-        rows = kernel_bench(layouts, n, k, counts, args.threads, args.runs, ov_config,
+        rows = kernel_bench(layouts, n, k, counts, args.threads, args.runs, ov_config, args.stream_mib << 20,
                             on_row=lambda row: print(row_line(row), flush=True))
     except RuntimeError as error:  # the plugin refusing a setting
         print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)

@@ -70,7 +70,7 @@ def test_kernel_bench_times_every_layout_and_checks_its_product(tmp_path) -> Non
 
     out = tmp_path / "kernels.json"
     result = run_module("runtime.kernel_bench", "--shape", "384x256", "--rows", "1,24", "--runs", "2", "--threads", "2",
-                        "--json", str(out))
+                        "--stream-mib", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text(encoding="utf-8"))
     assert [(r["layout"], r["rows"]) for r in rows] == [(name, count) for name in LAYOUTS for count in (1, 24)]
@@ -80,10 +80,13 @@ def test_kernel_bench_times_every_layout_and_checks_its_product(tmp_path) -> Non
         # of w8a8's 8-bit activations, of the bf16 inference AMX Xeons default to and of dynamic int8 activations
         assert row["error"] < 0.05, row
         assert (row["bandwidth_fraction"] is None) == (row["rows"] > 1)
+        # enough copies of the matrix to stream a MiB a round (at most 64): from memory, not from the cache
+        assert row["copies"] == min(64, -(-(1 << 20) // row["weight_bytes"])) > 1
     sizes = {r["layout"]: r["weight_bytes"] for r in rows}
     assert sizes["int4-sym-cw"] < sizes["int4-sym-g32"] < sizes["int8-asym"] < sizes["f32"] == 384 * 256 * 4
     lines = result.stdout.splitlines()  # the machine, a line per measurement, the bandwidth
     assert "384x256 weights" in lines[0] and len(lines) == 2 + len(rows) and "read bandwidth" in lines[-1]
-    for args in (["--layouts", "int3"], ["--shape", "384x250"], ["--rows", "0"], ["--shape", "big"]):
+    for args in (["--layouts", "int3"], ["--shape", "384x250"], ["--rows", "0"], ["--shape", "big"],
+                 ["--stream-mib", "-1"]):
         bad = run_module("runtime.kernel_bench", *args)
         assert bad.returncode == 2 and bad.stderr.startswith("error:") and "\n" not in bad.stderr.strip()
