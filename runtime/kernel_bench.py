@@ -143,7 +143,8 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
         for count in row_counts:
             rows = np.clip(generator.standard_normal((count, k), dtype=np.float32), -ACTIVATION_RANGE, ACTIVATION_RANGE)
             expected = rows.astype(np.float64) @ reference.T.astype(np.float64)
-            got = [request.infer({0: rows})[0] for request in requests][-1]  # each copy warmed up on this shape
+            for request in requests:  # each copy warmed up on this shape
+                got = request.infer({0: rows})[0]
             kernel, precision = kernel_of(requests[0].get_compiled_model())
             repeats = max(1, -(-64 // (count * copies)))
             times = []
