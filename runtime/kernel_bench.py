@@ -4,7 +4,9 @@
     python -m runtime.kernel_bench --ov-config DYNAMIC_QUANTIZATION_GROUP_SIZE=0
 
 Each layout is built as NNCF writes it (packed integers, f16 scales and zero points, the multiply in front of the
-MatMul), compiled alone, and fed 1 row (a decode step) and a prompt's worth of rows (prefill). The table gives the
+MatMul), compiled as copies with weights of their own until ``--stream-mib`` of weights pass per round (so that
+they come from memory, as a model's layers do, not from the cache), and fed 1 row (a decode step) and a prompt's
+worth of rows (prefill). The table gives the
 kernel the plugin chose and the precision it runs at (``runtimePrecision``: where it is i8/u8 for an f32 input, the
 activations are quantized and multiplied as integers), weights per second, GFLOP/s, and for one row the weight
 bytes streamed as a share of the machine's read bandwidth, the ceiling decode speed meets on batch 1. ``w8a8``
@@ -64,7 +66,7 @@ def dequantized(parts: dict[str, np.ndarray]) -> np.ndarray:
     return values.reshape(values.shape[0], -1)
 
 
-def build(layout: str, weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def stored_parts(layout: str, weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The stored parts of ``layout`` over ``weights`` [N, K] (as :func:`quantize` gives them; ``weights`` alone
     for f32), and the weights they stand for."""
     bits, group, symmetric = LAYOUTS[layout]
@@ -134,7 +136,7 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
     weights = generator.standard_normal((n, k), dtype=np.float32) * 0.02
     core, results = ov.Core(), []
     for layout in layouts:
-        parts, reference = build(layout, weights)
+        parts, reference = stored_parts(layout, weights)
         size = weight_bytes(layout, n, k)
         copies = max(1, min(MAX_COPIES, -(-stream_bytes // size)))
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **(ov_config or {})}
