@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chat_format import encode_prompt
+from runtime.cli import ov_config_of
 from runtime.cpu import cpu_description
 from runtime.peer import DEFAULT_LLAMA_BENCH, PeerNotFound, check_peer, measure_peer, ratio_lines
 
@@ -323,14 +324,6 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     left.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-
-
-def ov_config_of(items: list[str]) -> dict[str, str]:
-    """``--ov-config`` KEY=VALUE items as plugin settings (ValueError for an item without both)."""
-    pairs = [item.partition("=") for item in items]
-    if any(not key or not sep for key, sep, _ in pairs):
-        raise ValueError("--ov-config takes KEY=VALUE pairs")
-    return {key: value for key, _, value in pairs}
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:

@@ -62,17 +62,30 @@ def adapters_of(args: argparse.Namespace) -> list[LoraAdapter]:
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """--kv-cache-precision, --max-context and --prefill-chunk (OpenVINO on CPU or GPU; see python -m runtime.plan)."""
-    group = parser.add_argument_group("memory (python -m runtime.plan tells what fits)")
+    """--kv-cache-precision, --max-context, --prefill-chunk (OpenVINO on CPU or GPU; see python -m runtime.plan)
+    and --ov-config."""
+    group = parser.add_argument_group("memory and plugin settings (python -m runtime.plan tells what fits)")
     group.add_argument("--kv-cache-precision", choices=("f16", "u8", "u4", "i8"),
                        help="KV-cache element type: CPU f16, u8 (its default) or u4; GPU f16 or i8")
     group.add_argument("--max-context", type=int, help="tokens of history and prompt to keep (default: the model's)")
     group.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                        help="process prompts this many tokens at a time (paged-attention backend), so a long prompt "
                        "needs the workspace of TOKENS tokens only")
+    group.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="OpenVINO plugin settings on top of the defaults, e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=32 "
+                       "(on CPU the runtime picks 128 for channel-wise INT4 weights)")
 
 
 def memory_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine keyword arguments the memory arguments ask for."""
+    """The engine keyword arguments the memory and plugin arguments ask for (ValueError for a bad --ov-config)."""
     names = ("kv_cache_precision", "max_context", "prefill_chunk")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {**options, "extra_properties": ov_config_of(args.ov_config)} if args.ov_config else options
+
+
+def ov_config_of(items: list[str]) -> dict[str, str]:
+    """``--ov-config`` KEY=VALUE items as plugin settings (ValueError for an item without both)."""
+    pairs = [item.partition("=") for item in items]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise ValueError("--ov-config takes KEY=VALUE pairs")
+    return {key: value for key, _, value in pairs}

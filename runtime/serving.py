@@ -350,7 +350,7 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
 
     memory = memory or {}
     folder = Path(model_dir)
-    check_model_dir(folder)
+    int4_groups = check_model_dir(folder)
     device = device.upper()
     check_device(device, ov.Core().available_devices)
     kind = scheduler if scheduler != "auto" else ("batch" if device.split(".")[0] in ("CPU", "GPU") else "serial")
@@ -365,6 +365,7 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
         serial.notes += notes
         return serial
     properties = device_properties(device, resolve_cache_dir(cache_dir),
-                                   kv_cache_precision=memory.get("kv_cache_precision"))
+                                   kv_cache_precision=memory.get("kv_cache_precision"), int4_groups=int4_groups)
+    properties.update(memory.get("extra_properties") or {})
     return BatchScheduler(folder, device, properties, max_running, max_waiting, kv_cache_gb, prompt_lookup,
                           memory.get("max_context"), memory.get("prefill_chunk"))

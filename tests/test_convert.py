@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import runtime
 from convert.compare import exact_match, load_eval
+from runtime.openvino_engine import check_model_dir
 from tests.conftest import ROOT, TINY, run_module
 
 
@@ -44,6 +46,8 @@ def test_cpu_profile_int4_within_two_points_of_fp32(tiny_int4, fp32_accuracy) ->
     manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"] | {"profile": "cpu"} == manifest["settings"]
     assert (manifest["settings"]["sym"], manifest["settings"]["group_size"], manifest["settings"]["ratio"]) == (True, 32, 1.0)
+    assert check_model_dir(tiny_int4) == {32}  # group-32 weights keep the plugin's activation group (32)
+    assert "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in runtime.load(tiny_int4, "CPU", cache_dir=None).properties
     accuracy = genai_accuracy(tiny_int4)
     print(f"FP32 {fp32_accuracy:.1%}  INT4 cpu profile {accuracy:.1%}")
     assert accuracy >= fp32_accuracy - 0.02
@@ -56,6 +60,11 @@ def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["sym"] is True and manifest["settings"]["ratio"] == 1.0
     assert "u4" not in manifest["weights"]["share"]  # symmetric INT4 is stored signed
+    assert check_model_dir(output) == {-1}  # channel-wise: the CPU quantizes its activations in groups of 128
+    engine = runtime.load(output, "CPU", cache_dir=None)
+    assert engine.properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 128
+    assert runtime.load(output, "CPU", cache_dir=None, extra_properties={"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"}
+                        ).properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == "32"
     accuracy = genai_accuracy(output)
     print(f"FP32 {fp32_accuracy:.1%}  INT4 npu profile (run on CPU) {accuracy:.1%}")
     assert accuracy >= fp32_accuracy - 0.05

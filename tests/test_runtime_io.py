@@ -112,6 +112,24 @@ def test_npu_configuration(tmp_path) -> None:
     assert device_properties("CPU", cache, threads=2) == {"CACHE_DIR": str(cache), "INFERENCE_NUM_THREADS": 2}
 
 
+@pytest.mark.parametrize(("device", "groups", "activation_group"), [
+    ("CPU", {-1}, 128), ("CPU", {-1, 128}, 128), ("CPU", {256}, 128), ("CPU", {32}, None), ("CPU", {-1, 32}, None),
+    ("CPU", set(), None), ("GPU", {-1}, None), ("NPU", {-1}, None)])
+def test_the_activation_group_follows_the_int4_weight_layout_on_cpu(device, groups, activation_group) -> None:
+    properties = device_properties(device, None, int4_groups=groups)
+    assert properties.get("DYNAMIC_QUANTIZATION_GROUP_SIZE") == activation_group
+
+
+def test_ov_config_is_a_chat_option_and_a_bad_one_a_one_line_error(tiny_int8) -> None:
+    item = next(i for i in ITEMS if i["kind"] == "fact_en")
+    result = run_module("runtime.chat", "--model", str(tiny_int8), "--ov-config", "INFERENCE_PRECISION_HINT=f32",
+                        "DYNAMIC_QUANTIZATION_GROUP_SIZE=64", stdin=item["messages"][0]["content"] + "\n")
+    assert result.returncode == 0 and result.stdout == item["expected"] + "\n", result.stderr[-2000:]
+    for bad, message in ((["NO_SUCH_SETTING=1"], "cannot load"), (["THREADS"], "--ov-config takes KEY=VALUE pairs")):
+        result = run_module("runtime.chat", "--model", str(tiny_int8), "--ov-config", *bad, stdin="Hi\n")
+        assert result.returncode == 2 and message in one_line_error(result.stderr)
+
+
 @pytest.mark.parametrize("device", ["NPU", "GPU", "GPU.1"])
 def test_an_absent_device_is_a_device_error_listing_what_is_there(tiny_int8, device) -> None:
     available = ov.Core().available_devices
