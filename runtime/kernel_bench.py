@@ -4,11 +4,12 @@
     python -m runtime.kernel_bench --ov-config DYNAMIC_QUANTIZATION_GROUP_SIZE=0
 
 Each layout is built as NNCF writes it (packed integers, f16 scales and zero points, the multiply in front of the
-MatMul), compiled as copies with weights of their own until ``--stream-mib`` of weights pass per round (so that
-they come from memory, as a model's layers do, not from the cache), and fed 1 row (a decode step) and a prompt's
-worth of rows (prefill). The table gives the
-kernel the plugin chose and the precision it runs at (``runtimePrecision``: where it is i8/u8 for an f32 input, the
-activations are quantized and multiplied as integers), weights per second, GFLOP/s, and for one row the weight
+MatMul), compiled with the plugin settings the runtime gives a model of that layout (its activation group:
+``runtime.openvino_engine.device_properties``) as copies with weights of their own until ``--stream-mib`` of
+weights pass per round (so that they come from memory, as a model's layers do, not from the cache), and fed 1 row
+(a decode step) and a prompt's worth of rows (prefill). The table gives the kernel the plugin chose and the
+precision it runs at (``runtimePrecision``: where it is i8/u8 for an f32 input, the activations are quantized and
+multiplied as integers, in groups of ``activation_group``), weights per second, GFLOP/s, and for one row the weight
 bytes streamed as a share of the machine's read bandwidth, the ceiling decode speed meets on batch 1. ``w8a8``
 quantizes the activations statically (a FakeQuantize before the MatMul), the layout of a full INT8 model. Each
 result is checked against the product by the dequantized weights (``error``).
@@ -28,12 +29,14 @@ import numpy as np
 
 from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.cpu import cpu_description
+from runtime.openvino_engine import device_properties
 
 # layout name -> (bits, group size or None for channel-wise, symmetric), as convert.recipes' profiles use them
 LAYOUTS: dict[str, tuple[int, int | None, bool]] = {
     "f32": (32, None, True),
     "int8-asym": (8, None, False),  # --weight-format int8
     "int4-sym-g32": (4, 32, True),  # --profile cpu
+    "int4-sym-g64": (4, 64, True),
     "int4-sym-g128": (4, 128, True),  # --profile gpu
     "int4-sym-cw": (4, None, True),  # --profile npu
     "int4-asym-g128": (4, 128, False),
@@ -139,7 +142,9 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
         parts, reference = stored_parts(layout, weights)
         size = weight_bytes(layout, n, k)
         copies = max(1, min(MAX_COPIES, -(-stream_bytes // size)))
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **(ov_config or {})}
+        bits, group, _ = LAYOUTS[layout]
+        runtime_default = device_properties("CPU", None, threads, int4_groups={group or -1} if bits == 4 else ())
+        config = {**runtime_default, "PERFORMANCE_HINT": "LATENCY", **(ov_config or {})}
         requests = [core.compile_model(model_of(layout, parts), "CPU", config).create_infer_request()
                     for _ in range(copies)]
         for count in row_counts:
@@ -147,7 +152,8 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
             expected = rows.astype(np.float64) @ reference.T.astype(np.float64)
             for request in requests:  # each copy warmed up on this shape
                 got = request.infer({0: rows})[0]
-            kernel, precision = kernel_of(requests[0].get_compiled_model())
+            compiled = requests[0].get_compiled_model()
+            kernel, precision = kernel_of(compiled)
             repeats = max(1, -(-64 // (count * copies)))
             times = []
             for _ in range(runs):
@@ -158,6 +164,7 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
                 times.append((time.perf_counter() - start) / repeats / copies)
             best = min(times)
             row = {"layout": layout, "rows": count, "kernel": kernel, "precision": precision, "threads": threads,
+                   "activation_group": int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")),
                    "copies": copies,
                    "ms": best * 1e3, "spread": best / max(times), "weights_per_s": n * k / best,
                    "gflops": 2 * count * n * k / best / 1e9, "weight_bytes": size,
@@ -173,7 +180,8 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
 def row_line(row: dict[str, Any]) -> str:
     """One printed line of a measurement."""
     share = f"{row['bandwidth_fraction']:5.0%} of read bw" if row["bandwidth_fraction"] is not None else " " * 16
-    return (f"{row['layout']:15} x{row['copies']:<3d} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} {row['ms']:9.2f} ms "
+    return (f"{row['layout']:15} x{row['copies']:<3d} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} "
+            f"a{row['activation_group']:<4d} {row['ms']:9.2f} ms "
             f"(worst {row['spread']:4.0%}) {row['weights_per_s'] / 1e9:6.1f} G weights/s {row['gflops']:7.1f} GFLOP/s "
             f"{share}  error {row['error']:.1e}")
 
@@ -190,7 +198,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="CPU threads (default: all cores, %(default)s here)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs; the best counts (default: %(default)s)")
     parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="CPU plugin settings on top (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns off the "
+                        help="CPU plugin settings over the runtime's (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns off the "
                              "activations' dynamic quantization where the CPU has it)")
     parser.add_argument("--stream-mib", type=int, default=1024,
                         help="weights run through per round, in MiB: the matrix is compiled as that many MiB of "

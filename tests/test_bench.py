@@ -82,6 +82,11 @@ def test_kernel_bench_times_every_layout_and_checks_its_product(tmp_path) -> Non
         assert (row["bandwidth_fraction"] is None) == (row["rows"] > 1)
         # enough copies of the matrix to stream a MiB a round (at most 64): from memory, not from the cache
         assert row["copies"] == min(64, -(-(1 << 20) // row["weight_bytes"])) > 1
+    # compiled as the runtime compiles a model of that layout: activations quantized in groups of 128 for channel-wise
+    # and group-128 INT4, of 64 for group 64, group-32 weights with the plugin's own (32 in OpenVINO 2026.4)
+    groups = {r["layout"]: r["activation_group"] for r in rows}
+    assert groups["int4-sym-cw"] == groups["int4-sym-g128"] == groups["int4-asym-g128"] == 128, groups
+    assert groups["int4-sym-g64"] == 64 and groups["int4-sym-g32"] < 64, groups
     sizes = {r["layout"]: r["weight_bytes"] for r in rows}
     assert sizes["int4-sym-cw"] < sizes["int4-sym-g32"] < sizes["int8-asym"] < sizes["f32"] == 384 * 256 * 4
     lines = result.stdout.splitlines()  # the machine, a line per measurement, the bandwidth

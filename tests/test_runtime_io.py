@@ -114,6 +114,7 @@ def test_npu_configuration(tmp_path) -> None:
 
 @pytest.mark.parametrize(("device", "groups", "activation_group"), [
     ("CPU", {-1}, 128), ("CPU", {-1, 128}, 128), ("CPU", {256}, 128), ("CPU", {32}, None), ("CPU", {-1, 32}, None),
+    ("CPU", {64}, 64), ("CPU", {-1, 64}, 64), ("CPU", {64, 128}, 64), ("CPU", {96}, None), ("CPU", {16}, None),
     ("CPU", set(), None), ("GPU", {-1}, None), ("NPU", {-1}, None)])
 def test_the_activation_group_follows_the_int4_weight_layout_on_cpu(device, groups, activation_group) -> None:
     properties = device_properties(device, None, int4_groups=groups)
