@@ -206,6 +206,8 @@ def test_jsonl_dataset_with_awq_and_scale_estimation(tmp_path) -> None:
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["awq"] and manifest["settings"]["scale_estimation"]
     assert manifest["checks"]["verify"]["eval_correct"] >= manifest["checks"]["verify"]["eval_items"] - 1
+    assert check_model_dir(output) == {64}  # group-64 weights: the CPU quantizes its activations in groups of 64
+    assert runtime.load(output, "CPU", cache_dir=None).properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 64
 
 
 def constants(folder: Path) -> list[tuple[str, tuple, str]]:
