@@ -198,8 +198,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="CPU threads (default: all cores, %(default)s here)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs; the best counts (default: %(default)s)")
     parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="CPU plugin settings over the runtime's (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns off the "
-                             "activations' dynamic quantization where the CPU has it)")
+                        help="CPU plugin settings over the runtime's (e.g. DYNAMIC_QUANTIZATION_GROUP_SIZE=0 turns "
+                             "off the activations' dynamic quantization where the CPU has it)")
     parser.add_argument("--stream-mib", type=int, default=1024,
                         help="weights run through per round, in MiB: the matrix is compiled as that many MiB of "
                              "copies (at most 64) so that the weights come from memory, not from the cache "
