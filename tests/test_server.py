@@ -244,10 +244,14 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
     assert after["tokens_after_cancel"] == 0  # the engine's own count: nothing generated past a cancel
     cancelled = [line for line in server.log_lines()[log_start:] if " cancelled prompt=" in line]
     generated = [int(re.search(r"generated=(\d+)", line).group(1)) for line in cancelled]
-    lag = max(logged_at(line) for line in cancelled) - max(v for k, v in results.items() if str(k).startswith("closed"))
+    # How many tokens a leaver gets before its client reads 3 chunks depends on how the 32 client threads are
+    # scheduled, so promptness is judged in time: the k-th cancel against the k-th close (sorted pairing bounds the
+    # worst lag of any one-to-one matching).
+    closes = sorted(v for k, v in results.items() if str(k).startswith("closed"))
+    lags = [at - closed for at, closed in zip(sorted(logged_at(line) for line in cancelled), closes)]
     print(f"tokens generated for the clients that left: {generated} (max_tokens {LEAVER_MAX_TOKENS}); "
-          f"last cancel logged {lag * 1000:.0f} ms after the last client closed")
-    assert len(generated) == 8 and max(generated) < LEAVER_MAX_TOKENS // 2 and lag < 3
+          f"cancels logged {min(lags) * 1000:.0f} to {max(lags) * 1000:.0f} ms after the clients closed")
+    assert len(generated) == len(closes) == 8 and max(generated) < LEAVER_MAX_TOKENS and max(lags) < 3
     time.sleep(1)
     assert server.health()["tokens_generated"] == after["tokens_generated"]  # nothing runs in the background
     assert ask(server.client(), first("fact_zh")).choices[0].message.content == first("fact_zh")["expected"]
