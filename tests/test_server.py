@@ -264,13 +264,15 @@ def test_a_waiting_non_streaming_client_that_leaves_cancels_its_generation(serve
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     time.sleep(0.3)
     connection.close()
+    closed = time.time()
     deadline = time.monotonic() + 5
     while (after := server.health())["running"] or after["cancelled"] == before["cancelled"]:
         assert time.monotonic() < deadline, after
         time.sleep(0.05)
     assert after["cancelled"] - before["cancelled"] == 1 and after["tokens_after_cancel"] == 0
     (line,) = [line for line in server.log_lines()[log_start:] if " cancelled prompt=" in line]
-    assert int(re.search(r"generated=(\d+)", line).group(1)) < LEAVER_MAX_TOKENS // 2, line
+    assert int(re.search(r"generated=(\d+)", line).group(1)) < LEAVER_MAX_TOKENS, line
+    assert logged_at(line) - closed < 3, line  # in time, not tokens: the tiny model's speed varies 3x across CPUs
 
 
 def run_engine(engine: Engine, item: dict[str, Any]) -> str:
