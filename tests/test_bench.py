@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from runtime.bench import FIELDS
 from tests.conftest import TINY, run_module
 
@@ -95,3 +97,43 @@ def test_kernel_bench_times_every_layout_and_checks_its_product(tmp_path) -> Non
                  ["--stream-mib", "-1"]):
         bad = run_module("runtime.kernel_bench", *args)
         assert bad.returncode == 2 and bad.stderr.startswith("error:") and "\n" not in bad.stderr.strip()
+
+
+def test_weight_bytes_behind_each_matmul_are_the_layouts_own() -> None:
+    from runtime.kernel_bench import LAYOUTS, model_of, stored_parts, weight_bytes
+    from runtime.step_profile import weight_bytes as bytes_by_matmul
+
+    weights = np.random.default_rng(0).standard_normal((96, 256)).astype(np.float32)
+    for layout in LAYOUTS:  # through NNCF's decompression (Convert, Subtract, Multiply, Reshape), not its shapes
+        assert list(bytes_by_matmul(model_of(layout, stored_parts(layout, weights)[0])).values()) == \
+            [weight_bytes(layout, 96, 256)], layout
+
+
+def test_step_profile_splits_a_decode_step_by_layer_role(tiny_int4, tmp_path) -> None:
+    import openvino as ov
+
+    from runtime.step_profile import role_of, weight_bytes
+
+    assert role_of("__module.model.layers.31.mlp.down_proj/ov_ext::linear/MatMul") == "mlp.down_proj"
+    assert role_of("__module.lm_head/ov_ext::linear/MatMul") == "lm_head"
+    out = tmp_path / "profile.json"
+    result = run_module("runtime.step_profile", "--model", str(tiny_int4), "--prompt-length", "40", "--steps", "6",
+                        "--threads", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(out.read_text(encoding="utf-8"))
+    roles = {row["role"]: row for row in profile["roles"]}
+    matmuls = weight_bytes(ov.Core().read_model(tiny_int4 / "openvino_model.xml"))
+    layers = json.loads((tiny_int4 / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    assert len(matmuls) >= 5 * layers  # q, k, v, o, gate-up, down per layer and the head, less what the plugin fuses
+    # every byte of the matmuls' weights is counted once, under the role its layers share
+    assert sum(row["weight_bytes"] for row in roles.values()) == profile["matmul_weight_bytes"] == sum(matmuls.values())
+    assert {"mlp.down_proj", "lm_head", "attention", "other"} <= set(roles), sorted(roles)
+    for row in roles.values():
+        assert row["ms"] >= 0 and (row["bytes_per_s"] is None) == (row["weight_bytes"] == 0), row
+    assert profile["step_ms_best"] > 0 and profile["nodes_ms"] > 0
+    assert abs(sum(row["share"] for row in roles.values()) - 1) < 1e-6
+    assert "decode step" in result.stdout and "mlp.down_proj" in result.stdout
+    for args in (["--model", str(tmp_path / "absent")], ["--model", str(tiny_int4), "--steps", "0"],
+                 ["--model", str(tiny_int4), "--ov-config", "NOT_A_KEY=1"]):
+        bad = run_module("runtime.step_profile", *args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error:") and "\n" not in bad.stderr.strip(), bad.stderr
