@@ -41,6 +41,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int4-asym-g128-r0.8": {"weight_format": "int4", "sym": False, "group_size": 128, "ratio": 0.8},
     "int4-awq-se": {"weight_format": "int4", "group_size": 64, "awq": True, "scale_estimation": True,
                     "dataset": BUILTIN},
+    "int4-sym-g128-awq-se": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 1.0, "awq": True,
+                             "scale_estimation": True, "dataset": BUILTIN},
     "int4-sym-cw-awq-se": {"weight_format": "int4", "sym": True, "group_size": -1, "ratio": 1.0, "awq": True,
                            "scale_estimation": True, "dataset": BUILTIN},
     "int4-sym-cw-gptq": {"weight_format": "int4", "sym": True, "group_size": -1, "ratio": 1.0, "gptq": True,
