@@ -202,6 +202,7 @@ def stream_client(server: Server, item: dict[str, Any], leave_after: int | None,
         stream = ask(client, item, stream=True, **limit)
         text, seen = "", 0
         for chunk in stream:
+            results[f"id {index}"] = chunk.id
             if chunk.choices and chunk.choices[0].delta.content:
                 text += chunk.choices[0].delta.content
                 seen += 1
@@ -239,19 +240,25 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
     while (after := server.health())["running"] or after["waiting"] or after["engine_busy"]:
         assert time.monotonic() < deadline, after
         time.sleep(0.05)
-    assert after["requests"] - before["requests"] == 32 and after["errors"] == before["errors"]
-    assert after["completed"] - before["completed"] == 24 and after["cancelled"] - before["cancelled"] == 8
-    assert after["tokens_after_cancel"] == 0  # the engine's own count: nothing generated past a cancel
-    cancelled = [line for line in server.log_lines()[log_start:] if " cancelled prompt=" in line]
-    generated = [int(re.search(r"generated=(\d+)", line).group(1)) for line in cancelled]
-    # How many tokens a leaver gets before its client reads 3 chunks depends on how the 32 client threads are
-    # scheduled, so promptness is judged in time: the k-th cancel against the k-th close (sorted pairing bounds the
-    # worst lag of any one-to-one matching).
-    closes = sorted(v for k, v in results.items() if str(k).startswith("closed"))
-    lags = [at - closed for at, closed in zip(sorted(logged_at(line) for line in cancelled), closes)]
+    # A leaver's outcome is read from the server's log line for its reply id. How many tokens it gets before its
+    # client has read 3 chunks depends on how 32 client threads share 2 cores with the server (CI: 2438 of 4000
+    # once), so a leaver may even finish first: that is allowed when it was logged before the client closed. One
+    # still running when its client closed must be cancelled within 3 s.
+    outcomes = {match.group(1): line for line in server.log_lines()[log_start:]
+                if (match := re.search(r" (\S+) \w+ prompt=", line))}  # reply id -> its finish line
+    leavers = [(outcomes[results[f"id {n}"]], results[f"closed {n}"]) for n, (_, leave) in enumerate(plan) if leave]
+    cancelled = [(line, closed) for line, closed in leavers if " cancelled prompt=" in line]
+    finished_first = [(line, closed) for line, closed in leavers if " cancelled prompt=" not in line]
+    assert cancelled and all(logged_at(line) <= closed + 0.01 for line, closed in finished_first), leavers
+    lags = [logged_at(line) - closed for line, closed in cancelled]
+    generated = [int(re.search(r"generated=(\d+)", line).group(1)) for line, _ in leavers]
     print(f"tokens generated for the clients that left: {generated} (max_tokens {LEAVER_MAX_TOKENS}); "
-          f"cancels logged {min(lags) * 1000:.0f} to {max(lags) * 1000:.0f} ms after the clients closed")
-    assert len(generated) == len(closes) == 8 and max(generated) < LEAVER_MAX_TOKENS and max(lags) < 3
+          f"{len(cancelled)} cancelled {min(lags) * 1000:.0f} to {max(lags) * 1000:.0f} ms after their clients closed")
+    assert max(lags) < 3, leavers
+    assert after["requests"] - before["requests"] == 32 and after["errors"] == before["errors"]
+    assert after["completed"] - before["completed"] == 24 + len(finished_first)
+    assert after["cancelled"] - before["cancelled"] == len(cancelled)
+    assert after["tokens_after_cancel"] == 0  # the engine's own count: nothing generated past a cancel
     time.sleep(1)
     assert server.health()["tokens_generated"] == after["tokens_generated"]  # nothing runs in the background
     assert ask(server.client(), first("fact_zh")).choices[0].message.content == first("fact_zh")["expected"]
@@ -262,7 +269,10 @@ def test_a_waiting_non_streaming_client_that_leaves_cancels_its_generation(serve
     body = json.dumps({"model": MODEL, "messages": LONG_QUESTION, "max_tokens": LEAVER_MAX_TOKENS, "ignore_eos": True})
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # leaves once it runs: on a fast CPU 0.3 s were a third of the 4000 tokens
+    while not server.health()["running"]:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
     connection.close()
     closed = time.time()
     deadline = time.monotonic() + 5
