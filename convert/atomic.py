@@ -1,7 +1,8 @@
 """Atomic output folders: build in a hidden staging folder beside the target, then rename.
 
-An interrupted or failed write leaves only the staging folder (named ``.NAME.partial-*``, never
-mistaken for a model) and never touches an existing target until the new one is complete.
+An interrupted or failed write leaves only the staging folder (named ``.NAME.partial-PID-*``, never
+mistaken for a model) and never touches an existing target until the new one is complete; what a killed
+process left (SIGKILL, the out-of-memory killer) is removed by the next write to the same target.
 Renames use :func:`os.replace`, which works the same on Windows and POSIX. Windows refuses to
 rename a folder while a program has one of its files open (the demo or server serving it): the
 old folder then stays where it was (or is put back) and :class:`FolderInUseError` says so.
@@ -9,8 +10,11 @@ old folder then stays where it was (or is put back) and :class:`FolderInUseError
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -54,12 +58,33 @@ def writable(folder: Path) -> bool:
     return True
 
 
+def staging_prefix(target: Path) -> str:
+    """The name a staging folder or file for ``target`` starts with: hidden, and naming this process."""
+    return f".{target.name}.partial-{os.getpid()}-"
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders and files beside ``target`` whose process no longer runs (killed before it
+    could clean up), saying so on stderr; those of running processes and of unknown ones stay."""
+    import psutil
+
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        owner = re.fullmatch(rf"\.{re.escape(target.name)}\.partial-(\d+)-.*", leftover.name)
+        if owner and not psutil.pid_exists(int(owner.group(1))):
+            if leftover.is_dir():
+                remove_tree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
+            print(f"note: removed {leftover}, left by an interrupted run (process {owner.group(1)})", file=sys.stderr)
+
+
 @contextmanager
 def staged_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces ``target`` in one rename, on failure it is removed."""
     target = check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -85,7 +110,8 @@ def staged_file(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise OutputError(f"output {target} exists (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    remove_stale_staging(target)
+    handle, name = tempfile.mkstemp(prefix=staging_prefix(target), dir=target.parent)
     os.close(handle)
     staging = Path(name)
     try:

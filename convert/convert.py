@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from chat_format import BUILTIN_TEMPLATE, STOP_TOKENS, ChatTemplate, TemplateError
 from chat_format.genai import genai_template
-from convert.atomic import OutputError, abandon_staging, check_output, staged_output
+from convert.atomic import OutputError, abandon_staging, check_output, remove_stale_staging, staged_output
 from convert.lora import LoraError, adapter_record, check_adapter_folder, merge_lora
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset:
             load_conversations(args.dataset)
         resolve(args.model, args.trust_remote_code)
-        check_output(args.output, args.overwrite)
+        remove_stale_staging(check_output(args.output, args.overwrite))  # before --quiet hides its note
         if args.lora is not None:
             check_adapter_folder(args.lora)
             if args.compare:

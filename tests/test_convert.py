@@ -111,6 +111,23 @@ POSIX_SIGNALS = pytest.mark.skipif(os.name == "nt", reason="POSIX signals (on Wi
                                    "Ctrl-Break through the same handler; not run here)")
 
 
+def test_only_staging_of_processes_that_ended_is_removed(tmp_path, capsys) -> None:
+    from convert.atomic import remove_stale_staging
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    names = {"live": f".out.partial-{os.getpid()}-a", "unknown": ".out.partial-b", "dead": f".out.partial-{ended.pid}-c",
+             "dead file": f".out.partial-{ended.pid}-d", "other target": f".other.partial-{ended.pid}-e"}
+    for kind, name in names.items():
+        if kind == "dead file":
+            (tmp_path / name).write_bytes(b"x")
+        else:
+            (tmp_path / name).mkdir()
+    remove_stale_staging(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["unknown"], names["other target"]])
+    assert capsys.readouterr().err.count("left by an interrupted run") == 2
+
+
 @POSIX_SIGNALS
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
 def test_killed_conversion_leaves_no_valid_folder_and_keeps_the_old_one(tmp_path, tiny_int4, sig) -> None:
@@ -136,6 +153,14 @@ def test_killed_conversion_leaves_no_valid_folder_and_keeps_the_old_one(tmp_path
     assert not fresh.exists()
     if sig == "SIGINT":  # an interrupted conversion cleans up its staging folder
         assert not list(tmp_path.glob(".*.partial-*"))
+        return
+    # a killed one cannot: the next conversion to the same folder removes what it left, and no other's
+    (stale,) = tmp_path.glob(".fresh.partial-*")
+    again = run_module("convert", "--model", str(TINY), "--output", str(fresh), "--quiet")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"note: removed {stale}, left by an interrupted run" in again.stderr
+    assert not stale.exists() and (fresh / "openvino_model.xml").is_file()
+    assert [p.name.split(".partial-")[0] for p in tmp_path.glob(".*.partial-*")] == [".model"]
 
 
 def test_refuses_non_empty_output_without_overwrite(tmp_path) -> None:
