@@ -116,15 +116,17 @@ def test_only_staging_of_processes_that_ended_is_removed(tmp_path, capsys) -> No
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    names = {"live": f".out.partial-{os.getpid()}-a", "unknown": ".out.partial-b", "dead": f".out.partial-{ended.pid}-c",
-             "dead file": f".out.partial-{ended.pid}-d", "other target": f".other.partial-{ended.pid}-e"}
+    names = {"live": f".out.partial-{os.getpid()}-a", "unknown": ".out.partial-b",
+             "dead": f".out.partial-{ended.pid}-c", "dead file": f".out.partial-{ended.pid}-d",
+             "other target": f".other.partial-{ended.pid}-e"}
     for kind, name in names.items():
         if kind == "dead file":
             (tmp_path / name).write_bytes(b"x")
         else:
             (tmp_path / name).mkdir()
     remove_stale_staging(tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["unknown"], names["other target"]])
+    kept = sorted([names["live"], names["unknown"], names["other target"]])
+    assert sorted(path.name for path in tmp_path.iterdir()) == kept
     assert capsys.readouterr().err.count("left by an interrupted run") == 2
 
 
