@@ -29,7 +29,7 @@ import numpy as np
 
 from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.cpu import cpu_description
-from runtime.openvino_engine import device_properties
+from runtime.openvino_engine import device_properties, error_summary
 
 # layout name -> (bits, group size or None for channel-wise, symmetric), as convert.recipes' profiles use them
 LAYOUTS: dict[str, tuple[int, int | None, bool]] = {
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = kernel_bench(layouts, n, k, counts, args.threads, args.runs, ov_config, args.stream_mib << 20,
                             on_row=lambda row: print(row_line(row), flush=True))
     except RuntimeError as error:  # the plugin refusing a setting
-        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"error: {error_summary(error)}", file=sys.stderr)
         return 2
     print(f"read bandwidth {rows[0]['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     if args.json:

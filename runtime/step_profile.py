@@ -29,7 +29,7 @@ import numpy as np
 from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.cpu import cpu_description
 from runtime.engine import ModelLoadError
-from runtime.openvino_engine import check_model_dir, device_properties
+from runtime.openvino_engine import check_model_dir, device_properties, error_summary
 
 WEIGHT_PATH = ("Convert", "Multiply", "Subtract", "Reshape", "Transpose")  # NNCF's decompression in front of a MatMul
 
@@ -43,24 +43,17 @@ def role_of(name: str) -> str:
 
 def weight_bytes(model: Any) -> dict[str, int]:
     """The bytes of the constants behind each MatMul's weight input (through its decompression), by node name."""
-    def constants(node: Any) -> int:
-        total = 0
+    def behind(node: Any) -> int:
+        if node.get_type_name() == "Constant":
+            return node.get_byte_size()
+        if node.get_type_name() not in WEIGHT_PATH:
+            return 0
         ports = node.inputs()[:1] if node.get_type_name() in ("Reshape", "Transpose") else node.inputs()
-        for port in ports:  # a Reshape's or Transpose's second input is its target shape, not weights
-            source = port.get_source_output().get_node()
-            if source.get_type_name() == "Constant":
-                total += source.get_byte_size()
-            elif source.get_type_name() in WEIGHT_PATH:
-                total += constants(source)
-        return total
+        # a Reshape's or Transpose's second input is its target shape, not weights
+        return sum(behind(port.get_source_output().get_node()) for port in ports)
 
-    sizes = {}
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "MatMul":
-            source = op.input(1).get_source_output().get_node()
-            sizes[op.get_friendly_name()] = source.get_byte_size() if source.get_type_name() == "Constant" \
-                else constants(source)
-    return sizes
+    return {op.get_friendly_name(): behind(op.input(1).get_source_output().get_node())
+            for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"}
 
 
 def step_profile(folder: Path, threads: int | None = None, prompt_length: int = 256, steps: int = 32,
@@ -106,10 +99,12 @@ def step_profile(folder: Path, threads: int | None = None, prompt_length: int = 
         node_ms[role] += max(node.real_time.total_seconds() * (steps + 2) - 2 * first[node.node_name], 0) * 1e3 / steps
         kinds.setdefault(role, kind if role != "other" else "")
     bandwidth, _ = memory_bandwidth(threads=threads or os.cpu_count() or 1)
+    role_bytes: dict[str, int] = defaultdict(int)
+    for name, size in sizes.items():
+        role_bytes[role_of(name)] += size
     roles = []
     for role, ms in sorted(node_ms.items(), key=lambda item: -item[1]):
-        weights = sum(size for name, size in sizes.items() if role_of(name) == role) if role not in \
-            ("attention", "other") else 0
+        weights = role_bytes.get(role, 0)
         rate = weights / (ms / 1e3) if weights and ms else None
         roles.append({"role": role, "ms": ms, "share": ms / sum(node_ms.values()), "kernel": kinds[role],
                       "weight_bytes": weights, "bytes_per_s": rate,
@@ -160,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # the plugin refusing a setting or the model
-        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"error: {error_summary(error)}", file=sys.stderr)
         return 2
     print(report(result))
     if args.json:
