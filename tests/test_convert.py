@@ -46,11 +46,50 @@ def test_cpu_profile_int4_within_two_points_of_fp32(tiny_int4, fp32_accuracy) ->
     manifest = json.loads((tiny_int4 / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"] | {"profile": "cpu"} == manifest["settings"]
     assert (manifest["settings"]["sym"], manifest["settings"]["group_size"], manifest["settings"]["ratio"]) == (True, 32, 1.0)
+    assert manifest["settings"]["awq"] and not manifest["settings"]["dataset"]
+    assert awq_multiplies(tiny_int4) == json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
     assert check_model_dir(tiny_int4) == {32}  # group-32 weights keep the plugin's activation group (32)
     assert "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in runtime.load(tiny_int4, "CPU", cache_dir=None).properties
     accuracy = genai_accuracy(tiny_int4)
     print(f"FP32 {fp32_accuracy:.1%}  INT4 cpu profile {accuracy:.1%}")
     assert accuracy >= fp32_accuracy - 0.02
+
+
+def awq_multiplies(folder: Path) -> int:
+    """How many of NNCF's AWQ scale multiplies (one per MLP, before its down projection) an IR holds."""
+    import openvino as ov
+
+    model = ov.Core().read_model(folder / "openvino_model.xml")
+    return sum(op.get_type_name() == "Multiply" and op.get_friendly_name().endswith("/awq_mul") for op in model.get_ops())
+
+
+@pytest.mark.parametrize(("profile", "overrides", "awq"), [
+    ("cpu", {}, True), ("gpu", {}, True), ("npu", {}, False), (None, {}, True), ("cpu", {"awq": False}, False),
+    ("cpu", {"weight_format": "int8"}, False), ("cpu", {"weight_format": "fp16"}, False),
+    ("cpu", {"gptq": True, "dataset": "glm4-chat"}, False), ("npu", {"awq": True}, True)])
+def test_profiles_use_data_free_awq_where_int4_allows(profile, overrides, awq) -> None:
+    from convert.recipes import make_recipe
+
+    recipe = make_recipe(profile, **overrides)
+    assert recipe.awq is awq and recipe.data_aware is ("dataset" in overrides)
+
+
+@pytest.mark.parametrize("overrides", [{"weight_format": "int8", "awq": True},
+                                       {"gptq": True, "awq": True, "dataset": "glm4-chat"}, {"gptq": True}])
+def test_explicit_awq_conflicts_are_refused(overrides) -> None:
+    from convert.recipes import RecipeError, make_recipe
+
+    with pytest.raises(RecipeError):
+        make_recipe("cpu", **overrides)
+
+
+def test_no_awq_converts_without_the_rescaling(tmp_path) -> None:
+    output = tmp_path / "plain"
+    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--no-awq", "--no-verify", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["settings"]["awq"] is False and awq_multiplies(output) == 0
+    assert check_model_dir(output) == {32}
 
 
 def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:
@@ -60,6 +99,7 @@ def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["sym"] is True and manifest["settings"]["ratio"] == 1.0
     assert "u4" not in manifest["weights"]["share"]  # symmetric INT4 is stored signed
+    assert not manifest["settings"]["awq"] and awq_multiplies(output) == 0  # the NPU graph stays as measured
     assert check_model_dir(output) == {-1}  # channel-wise: the CPU quantizes its activations in groups of 128
     engine = runtime.load(output, "CPU", cache_dir=None)
     assert engine.properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 128
@@ -184,7 +224,7 @@ def read_only_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "not_glm", "awq_without_dataset", "read_only", "bad_ratio",
+@pytest.mark.parametrize("case", ["missing", "not_glm", "scale_estimation_without_dataset", "read_only", "bad_ratio",
                                   "chatglm_without_trust", "chatglm_wrong_transformers", "npu_asym"])
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, case) -> None:
     output = tmp_path / "out"
@@ -196,8 +236,8 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, case) -> Non
         (tmp_path / "llama").mkdir()
         (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
         model = str(tmp_path / "llama")
-    elif case == "awq_without_dataset":
-        extra = ["--awq"]
+    elif case == "scale_estimation_without_dataset":
+        extra = ["--scale-estimation"]
     elif case == "read_only":
         output = read_only_dir(tmp_path) / "out"
     elif case == "bad_ratio":
@@ -213,7 +253,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, case) -> Non
     result = run_module("convert", "--model", model, "--output", str(output), *extra)
     assert result.returncode == 2, result.stderr[-1000:]
     message = one_line_error(result)
-    expected_words = {"missing": "not a checkpoint", "not_glm": "supported", "awq_without_dataset": "--dataset",
+    expected_words = {"missing": "not a checkpoint", "not_glm": "supported", "scale_estimation_without_dataset": "--dataset",
                       "read_only": "cannot write", "bad_ratio": "--ratio", "chatglm_without_trust": "--trust-remote-code",
                       "chatglm_wrong_transformers": "transformers", "npu_asym": "symmetric"}
     assert expected_words[case] in message
