@@ -89,7 +89,7 @@ def convert_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: st
 
 @pytest.fixture(scope="session")
 def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """glm4-tiny converted with the CPU profile (INT4 sym group 32)."""
+    """glm4-tiny converted with the CPU profile (INT4 sym group 32, data-free AWQ)."""
     return convert_tiny(tmp_path_factory, "glm4-tiny-int4", "--profile", "cpu")
 
 
