@@ -16,7 +16,7 @@ import pytest
 
 from convert.compare import exact_match, load_eval, transformers_replies
 from tests.conftest import CHATGLM_PYTHON, ROOT, TINY, run_module
-from tests.test_convert import genai_accuracy, one_line_error
+from tests.test_convert import awq_multiplies, genai_accuracy, one_line_error
 
 ITEMS = load_eval(TINY / "eval.jsonl")
 CONVERSIONS = {"int4": ("--profile", "cpu"), "int8": ("--weight-format", "int8")}
@@ -112,6 +112,8 @@ def test_twin_converts_in_its_environment_and_answers_through_genai(twin_irs, fp
         verify = manifest["checks"]["verify"]
         assert verify["eval_correct"] >= verify["eval_items"] - 1
         assert (folder / "openvino_tokenizer.xml").is_file() and (folder / "openvino_detokenizer.xml").is_file()
+        layers = json.loads((folder / "config.json").read_text(encoding="utf-8"))["num_layers"]
+        assert awq_multiplies(folder) == (layers if name == "int4" else 0)  # data-free AWQ finds ChatGLM's MLPs too
         accuracy = genai_accuracy(folder)
         print(f"chatglm twin {name} through openvino-genai: {accuracy:.1%} (FP32 {fp32_accuracy:.1%})")
         assert accuracy >= fp32_accuracy - ALLOWED_DROP[name]
