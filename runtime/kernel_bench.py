@@ -11,7 +11,9 @@ weights pass per round (so that they come from memory, as a model's layers do, n
 precision it runs at (``runtimePrecision``: where it is i8/u8 for an f32 input, the activations are quantized and
 multiplied as integers, in groups of ``activation_group``), weights per second, GFLOP/s, and for one row the weight
 bytes streamed as a share of the machine's read bandwidth, the ceiling decode speed meets on batch 1. ``w8a8``
-quantizes the activations statically (a FakeQuantize before the MatMul), the layout of a full INT8 model. Each
+quantizes the activations statically (a FakeQuantize before the MatMul), the layout of a full INT8 model.
+``nf4-*`` and ``mxfp4-g32`` are NNCF's other 4-bit modes (NormalFloat4 codes with f16 scales; FP4 e2m1 codes with
+power-of-two e8m0 scales in groups of 32), for comparison with the integer layouts the profiles use. Each
 result is checked against the product by the dequantized weights (``error``).
 """
 
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,25 +33,58 @@ from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.cpu import cpu_description
 from runtime.openvino_engine import device_properties, error_summary
 
-# layout name -> (bits, group size or None for channel-wise, symmetric), as convert.recipes' profiles use them
-LAYOUTS: dict[str, tuple[int, int | None, bool]] = {
-    "f32": (32, None, True),
-    "int8-asym": (8, None, False),  # --weight-format int8
-    "int4-sym-g32": (4, 32, True),  # --profile cpu
-    "int4-sym-g64": (4, 64, True),
-    "int4-sym-g128": (4, 128, True),  # --profile gpu
-    "int4-sym-cw": (4, None, True),  # --profile npu
-    "int4-asym-g128": (4, 128, False),
-    "w8a8": (8, None, True),
+# the NormalFloat4 codebook: the 16 values an ov.Type.nf4 weight stands for (times its group's scale)
+NF4_LEVELS = np.array([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0, 0.0795803,
+                       0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0], np.float32)
+E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # FP4 (e2m1) magnitudes, MXFP4's codes
+
+
+class Layout(NamedTuple):
+    """How a layout stores a weight: ``codes`` "int" (integers, f16 scales, zero points when asymmetric), "nf4"
+    (NormalFloat4 codebook, f16 absmax scales) or "e2m1" (MXFP4: FP4 codes, power-of-two e8m0 scales)."""
+    bits: int
+    group: int | None  # None: one group per output channel
+    symmetric: bool
+    codes: str = "int"
+
+
+# as convert.recipes' profiles use them, and NNCF's other 4-bit modes (nf4, mxfp4) for comparison
+LAYOUTS: dict[str, Layout] = {
+    "f32": Layout(32, None, True),
+    "int8-asym": Layout(8, None, False),  # --weight-format int8
+    "int4-sym-g32": Layout(4, 32, True),  # --profile cpu
+    "int4-sym-g64": Layout(4, 64, True),
+    "int4-sym-g128": Layout(4, 128, True),  # --profile gpu
+    "int4-sym-cw": Layout(4, None, True),  # --profile npu
+    "int4-asym-g128": Layout(4, 128, False),
+    "nf4-g32": Layout(4, 32, True, "nf4"),
+    "nf4-g64": Layout(4, 64, True, "nf4"),
+    "mxfp4-g32": Layout(4, 32, True, "e2m1"),
+    "w8a8": Layout(8, None, True),
 }
 ACTIVATION_RANGE = 4.0  # w8a8's static activation range: the inputs are drawn from N(0, 1)
 MAX_COPIES = 64  # compiled copies of one matrix, so that the weights streamed per round outgrow the cache
 
 
-def quantize(weights: np.ndarray, bits: int, group: int | None, symmetric: bool) -> dict[str, np.ndarray]:
-    """Integer codes, f16 scales and (asymmetric) zero points of ``weights`` [N, K], grouped along K."""
+def nearest(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Each value rounded to the nearest of the sorted ``levels``."""
+    return levels[np.searchsorted((levels[1:] + levels[:-1]) / 2, values)]
+
+
+def quantize(weights: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Codes and scales (and asymmetric zero points) of ``weights`` [N, K] in ``layout``, grouped along K: integer
+    codes for "int", the codebook's values (f32) for "nf4" and "e2m1"."""
     n, k = weights.shape
+    bits, group, symmetric, kind = layout
     grouped = weights.reshape(n, k // group, group) if group else weights.reshape(n, 1, k)
+    if kind == "nf4":
+        scale = np.abs(grouped).max(-1, keepdims=True).astype(np.float16)
+        return {"codes": nearest(grouped / scale.astype(np.float32), NF4_LEVELS), "scale": scale}
+    if kind == "e2m1":  # the shared exponent puts the group's largest magnitude in [4, 8): 6 is e2m1's largest
+        top = np.maximum(np.abs(grouped).max(-1, keepdims=True), np.finfo(np.float32).tiny)
+        scale = np.exp2(np.floor(np.log2(top)) - 2).astype(np.float32)
+        scaled = grouped / scale
+        return {"codes": np.sign(scaled) * nearest(np.abs(scaled), E2M1_LEVELS), "scale": scale}
     if symmetric:
         top = 2 ** (bits - 1) - 1
         scale = (np.abs(grouped).max(-1, keepdims=True) / top).astype(np.float16)
@@ -72,10 +107,9 @@ def dequantized(parts: dict[str, np.ndarray]) -> np.ndarray:
 def stored_parts(layout: str, weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The stored parts of ``layout`` over ``weights`` [N, K] (as :func:`quantize` gives them; ``weights`` alone
     for f32), and the weights they stand for."""
-    bits, group, symmetric = LAYOUTS[layout]
-    if bits == 32:
+    if LAYOUTS[layout].bits == 32:
         return {"weights": weights}, weights
-    parts = quantize(weights, bits, group, symmetric)
+    parts = quantize(weights, LAYOUTS[layout])
     return parts, dequantized(parts)
 
 
@@ -85,19 +119,23 @@ def model_of(layout: str, parts: dict[str, np.ndarray]) -> Any:
     import openvino as ov
     from openvino import opset13 as ops
 
-    bits, _, symmetric = LAYOUTS[layout]
+    bits, _, symmetric, codes = LAYOUTS[layout]
     if bits == 32:
         n, k = parts["weights"].shape
         rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
         return ov.Model([ops.matmul(rows, ops.constant(parts["weights"]), False, True)], [rows], layout)
     n, k = parts["codes"].shape[0], parts["codes"].shape[1] * parts["codes"].shape[2]
     rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
-    element = {(4, True): ov.Type.i4, (4, False): ov.Type.u4, (8, True): ov.Type.i8, (8, False): ov.Type.u8}
-    decompressed = ops.convert(ops.constant(parts["codes"], dtype=element[bits, symmetric]), ov.Type.f16)
+    integer = {(4, True): ov.Type.i4, (4, False): ov.Type.u4, (8, True): ov.Type.i8, (8, False): ov.Type.u8}
+    element = {"nf4": ov.Type.nf4, "e2m1": ov.Type.f4e2m1}.get(codes, integer[bits, symmetric])
+    decompressed = ops.convert(ops.constant(parts["codes"], dtype=element), ov.Type.f16)
     if "zero" in parts:
-        decompressed = ops.subtract(decompressed, ops.convert(ops.constant(parts["zero"], dtype=element[bits, False]),
+        decompressed = ops.subtract(decompressed, ops.convert(ops.constant(parts["zero"], dtype=integer[bits, False]),
                                                               ov.Type.f16))
-    decompressed = ops.multiply(decompressed, ops.constant(parts["scale"]))
+    scale = ops.constant(parts["scale"])
+    if codes == "e2m1":  # powers of two, stored as their exponents
+        scale = ops.convert(ops.constant(parts["scale"], dtype=ov.Type.f8e8m0), ov.Type.f16)
+    decompressed = ops.multiply(decompressed, scale)
     matrix = ops.convert(ops.reshape(decompressed, ops.constant(np.array([n, k], np.int64)), False), ov.Type.f32)
     source = rows
     if layout == "w8a8":
@@ -117,9 +155,10 @@ def kernel_of(compiled: Any) -> tuple[str, str]:
 
 def weight_bytes(layout: str, n: int, k: int) -> int:
     """Bytes a full read of the layout's weights, scales and zero points takes."""
-    bits, group, symmetric = LAYOUTS[layout]
+    bits, group, symmetric, codes = LAYOUTS[layout]
     groups = n * (k // group if group else 1)
-    return n * k * bits // 8 + (0 if bits == 32 else groups * 2 + (0 if symmetric else groups * bits // 8))
+    scale_bytes = 1 if codes == "e2m1" else 2
+    return n * k * bits // 8 + (0 if bits == 32 else groups * scale_bytes + (0 if symmetric else groups * bits // 8))
 
 
 def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: tuple[int, ...] = (1, 256),
@@ -142,7 +181,7 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
         parts, reference = stored_parts(layout, weights)
         size = weight_bytes(layout, n, k)
         copies = max(1, min(MAX_COPIES, -(-stream_bytes // size)))
-        bits, group, _ = LAYOUTS[layout]
+        bits, group = LAYOUTS[layout].bits, LAYOUTS[layout].group
         runtime_default = device_properties("CPU", None, threads, int4_groups={group or -1} if bits == 4 else ())
         config = {**runtime_default, "PERFORMANCE_HINT": "LATENCY", **(ov_config or {})}
         requests = [core.compile_model(model_of(layout, parts), "CPU", config).create_infer_request()
@@ -180,7 +219,7 @@ def kernel_bench(layouts: list[str], n: int = 13696, k: int = 4096, row_counts: 
 def row_line(row: dict[str, Any]) -> str:
     """One printed line of a measurement."""
     share = f"{row['bandwidth_fraction']:5.0%} of read bw" if row["bandwidth_fraction"] is not None else " " * 16
-    return (f"{row['layout']:15} x{row['copies']:<3d} {row['rows']:5d} {row['kernel']:22} {row['precision']:4} "
+    return (f"{row['layout']:15} x{row['copies']:<3d} {row['rows']:5d} {row['kernel']:22} {row['precision']:6} "
             f"a{row['activation_group']:<4d} {row['ms']:9.2f} ms "
             f"(worst {row['spread']:4.0%}) {row['weights_per_s'] / 1e9:6.1f} G weights/s {row['gflops']:7.1f} GFLOP/s "
             f"{share}  error {row['error']:.1e}")
@@ -223,7 +262,7 @@ def parse(args: argparse.Namespace) -> tuple[list[str], int, int, tuple[int, ...
         raise ValueError("--shape, --rows, --threads and --runs must be positive")
     if args.stream_mib < 0:
         raise ValueError("--stream-mib must be 0 or more")
-    groups = {LAYOUTS[name][1] for name in layouts if LAYOUTS[name][1]}
+    groups = {LAYOUTS[name].group for name in layouts if LAYOUTS[name].group}
     if any(k % group for group in groups):
         raise ValueError(f"the input features ({k}) must be a multiple of every group size ({sorted(groups)})")
     return layouts, n, k, counts, ov_config_of(args.ov_config)
