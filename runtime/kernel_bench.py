@@ -40,12 +40,12 @@ E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # 
 
 
 class Layout(NamedTuple):
-    """How a layout stores a weight: ``codes`` "int" (integers, f16 scales, zero points when asymmetric), "nf4"
+    """How a layout stores a weight: ``kind`` "int" (integers, f16 scales, zero points when asymmetric), "nf4"
     (NormalFloat4 codebook, f16 absmax scales) or "e2m1" (MXFP4: FP4 codes, power-of-two e8m0 scales)."""
     bits: int
     group: int | None  # None: one group per output channel
     symmetric: bool
-    codes: str = "int"
+    kind: str = "int"
 
 
 # as convert.recipes' profiles use them, and NNCF's other 4-bit modes (nf4, mxfp4) for comparison
@@ -119,7 +119,7 @@ def model_of(layout: str, parts: dict[str, np.ndarray]) -> Any:
     import openvino as ov
     from openvino import opset13 as ops
 
-    bits, _, symmetric, codes = LAYOUTS[layout]
+    bits, _, symmetric, kind = LAYOUTS[layout]
     if bits == 32:
         n, k = parts["weights"].shape
         rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
@@ -127,14 +127,15 @@ def model_of(layout: str, parts: dict[str, np.ndarray]) -> Any:
     n, k = parts["codes"].shape[0], parts["codes"].shape[1] * parts["codes"].shape[2]
     rows = ops.parameter([-1, k], ov.Type.f32, name="rows")
     integer = {(4, True): ov.Type.i4, (4, False): ov.Type.u4, (8, True): ov.Type.i8, (8, False): ov.Type.u8}
-    element = {"nf4": ov.Type.nf4, "e2m1": ov.Type.f4e2m1}.get(codes, integer[bits, symmetric])
+    element = {"nf4": ov.Type.nf4, "e2m1": ov.Type.f4e2m1}.get(kind, integer[bits, symmetric])
     decompressed = ops.convert(ops.constant(parts["codes"], dtype=element), ov.Type.f16)
     if "zero" in parts:
         decompressed = ops.subtract(decompressed, ops.convert(ops.constant(parts["zero"], dtype=integer[bits, False]),
                                                               ov.Type.f16))
-    scale = ops.constant(parts["scale"])
-    if codes == "e2m1":  # powers of two, stored as their exponents
+    if kind == "e2m1":  # powers of two, stored as their exponents
         scale = ops.convert(ops.constant(parts["scale"], dtype=ov.Type.f8e8m0), ov.Type.f16)
+    else:
+        scale = ops.constant(parts["scale"])
     decompressed = ops.multiply(decompressed, scale)
     matrix = ops.convert(ops.reshape(decompressed, ops.constant(np.array([n, k], np.int64)), False), ov.Type.f32)
     source = rows
@@ -155,9 +156,9 @@ def kernel_of(compiled: Any) -> tuple[str, str]:
 
 def weight_bytes(layout: str, n: int, k: int) -> int:
     """Bytes a full read of the layout's weights, scales and zero points takes."""
-    bits, group, symmetric, codes = LAYOUTS[layout]
+    bits, group, symmetric, kind = LAYOUTS[layout]
     groups = n * (k // group if group else 1)
-    scale_bytes = 1 if codes == "e2m1" else 2
+    scale_bytes = 1 if kind == "e2m1" else 2
     return n * k * bits // 8 + (0 if bits == 32 else groups * scale_bytes + (0 if symmetric else groups * bits // 8))
 
 
