@@ -92,7 +92,11 @@ train-lora: setup
 
 # The peer python -m runtime.bench measures against: llama.cpp's CPU tools (llama-bench, llama-quantize,
 # llama-simple) built from the llama.cpp inside llama-cpp-python's sdist on PyPI, for this CPU (GGML_NATIVE).
-# Optional: nothing else needs it. About 5 minutes on 2 cores (299 s on an AMD EPYC).
+# Optional: nothing else needs it. About 5 minutes on 2 cores (299 s on an AMD EPYC, 256 s on a Xeon).
+# Built without ggml's AMX kernels: on our Xeon with AMX (a KVM guest) they die with SIGILL at their first tile
+# load (tileloadd) in llama-bench and llama-simple, while OpenVINO's AMX kernels run; llama.cpp then runs its
+# AVX-512 VNNI kernels there. `make peer PEER_CFLAGS=` builds them in where they work.
+PEER_CFLAGS ?= $(if $(filter x86_64 AMD64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 PEER_VERSION ?= 0.3.36
 PEER := build/peer
 PEER_SOURCE := $(PEER)/llama_cpp_python-$(PEER_VERSION)/vendor/llama.cpp
@@ -105,6 +109,7 @@ $(PEER)/cmake/bin/llama-bench:
 		llama-cpp-python==$(PEER_VERSION) && tar xzf $(PEER)/llama_cpp_python-$(PEER_VERSION).tar.gz -C $(PEER); }
 	@start=$$(date +%s); \
 	cmake -S $(PEER_SOURCE) -B $(PEER)/cmake -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+		-DCMAKE_C_FLAGS="$(PEER_CFLAGS)" -DCMAKE_CXX_FLAGS="$(PEER_CFLAGS)" \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
 		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
 		>$(PEER)/configure.log && \
