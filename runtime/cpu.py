@@ -38,6 +38,13 @@ def onednn_cpu_flags() -> set[str]:
     return flags
 
 
+def openvino_amx(flags: set[str] | None = None) -> bool:
+    """Whether OpenVINO's CPU plugin computes on AMX tiles here: the CPU has them (``flags``, default this
+    machine's) and OV_CPU_MAX_ISA does not cap the plugin below AMX."""
+    cap = os.environ.get("OV_CPU_MAX_ISA", "").upper()
+    return "amx_bf16" in (cpu_flags() if flags is None else flags) and (not cap or "AMX" in cap)
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
     try:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Collection, Sequence
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
 from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
+from runtime.cpu import openvino_amx
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
 from runtime.weight_pages import WeightPages
@@ -51,6 +52,16 @@ def activation_group(int4_groups: Collection[int]) -> int | None:
     return group if group in ACTIVATION_GROUPS else None
 
 
+def cpu_precision(int4_groups: Collection[int], amx: bool) -> str | None:
+    """The CPU's inference precision for 4-bit weights in ``int4_groups`` on a CPU with or without AMX, or None
+    to keep the plugin's.
+
+    With AMX the plugin computes in bf16 on its tiles and quantizes no activations; weights in groups of 128 or
+    channel-wise then decode 1.3-1.7x faster in f32, where their activations are quantized to int8, and prefill no
+    slower. Group-32 weights gain no decode and lose prefill that way (docs/benchmarks.md, "Xeon with AMX")."""
+    return "f32" if amx and activation_group(int4_groups) == ACTIVATION_GROUPS[-1] else None
+
+
 def device_properties(device: str, cache_dir: Path | None, threads: int | None = None,
                       kv_cache_precision: str | None = None, max_prompt_len: int = 1024,
                       min_response_len: int = 128, int4_groups: Collection[int] = ()) -> dict[str, Any]:
@@ -64,6 +75,8 @@ def device_properties(device: str, cache_dir: Path | None, threads: int | None =
         properties["INFERENCE_NUM_THREADS"] = threads
     if kind == "CPU" and (group := activation_group(int4_groups)):
         properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
+    if kind == "CPU" and (precision := cpu_precision(int4_groups, openvino_amx())):
+        properties["INFERENCE_PRECISION_HINT"] = precision
     if kind in ("CPU", "GPU") and kv_cache_precision:
         properties["KV_CACHE_PRECISION"] = kv_cache_precision
     if kind == "NPU":

@@ -24,10 +24,11 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
-from runtime.cpu import cpu_kind
+from runtime.cpu import cpu_kind, openvino_amx
 from runtime.engine import EngineError, ModelLoadError
+from runtime.openvino_engine import check_ir, cpu_precision
 
 GIB = 2**30
 RUNTIME_BYTES = 64 * 2**20  # OpenVINO, the tokenizer and Python, anonymous memory past the weights (measured ~50 MiB)
@@ -75,14 +76,16 @@ def workspace_bytes_per_token(shape: Shape, factor: float) -> float:
     return factor * (4 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 3 * shape.ffn)
 
 
-def workspace_factor(device: str) -> float:
-    """The workspace factor of this machine's CPU at the precision OpenVINO computes in by default; the
-    largest measured one where nothing was measured (GPU, NPU, another CPU kind and precision)."""
+def workspace_factor(device: str, int4_groups: Collection[int] = ()) -> float:
+    """The workspace factor of this machine's CPU at the precision the runtime computes a model whose 4-bit
+    weights are in ``int4_groups`` in; the largest measured one where nothing was measured (GPU, NPU, another
+    CPU kind and precision)."""
     if device != "CPU":
         return max(WORKSPACE_FACTORS.values())
     import openvino as ov
 
-    precision = "bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "f32"
+    precision = cpu_precision(int4_groups, openvino_amx()) or (
+        "bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "f32")
     return WORKSPACE_FACTORS.get((cpu_kind(), precision), max(WORKSPACE_FACTORS.values()))
 
 
@@ -115,7 +118,7 @@ def plan(model: str | Path, context: int, device: str = "CPU", prompt: int | Non
     total, available = memory_now()
     fixed = weights + RUNTIME_BYTES
     rows = {}
-    workspace = workspace_bytes_per_token(shape, workspace_factor(kind))
+    workspace = workspace_bytes_per_token(shape, workspace_factor(kind, check_ir(folder / "openvino_model.xml")))
     for precision in DEVICE_KV[kind]:
         kv = kv_bytes_per_token(shape, precision)
         if prefill_chunk:  # the workspace stays that of one chunk however long the context grows

@@ -12,8 +12,9 @@ import pytest
 
 import runtime
 from models.evaluate import load_eval
+from runtime.cpu import openvino_amx
 from runtime.engine import ChatSession, DeviceError, Engine, ModelLoadError, PromptTooLongError, conversation_ids
-from runtime.openvino_engine import device_properties
+from runtime.openvino_engine import cpu_precision, device_properties
 from tests.conftest import TINY, check_untrusted_text_stays_text, drain, run_module
 
 ITEMS = load_eval(TINY / "eval.jsonl")
@@ -96,6 +97,19 @@ def test_npu_configuration(tmp_path) -> None:
 def test_the_activation_group_follows_the_int4_weight_layout_on_cpu(device, groups, activation_group) -> None:
     properties = device_properties(device, None, int4_groups=groups)
     assert properties.get("DYNAMIC_QUANTIZATION_GROUP_SIZE") == activation_group
+
+
+@pytest.mark.parametrize(("groups", "amx", "precision"), [
+    ({-1}, True, "f32"), ({128}, True, "f32"), ({-1, 256}, True, "f32"), ({32}, True, None), ({64}, True, None),
+    ({-1, 32}, True, None), (set(), True, None), ({-1}, False, None), ({128}, False, None)])
+def test_amx_cpus_compute_wide_int4_groups_in_f32(groups, amx, precision) -> None:
+    """With AMX the plugin's bf16 path quantizes no activations; f32 brings back int8 activations, which decode
+    channel-wise and group-128 weights faster there (docs/benchmarks.md, "Xeon with AMX")."""
+    assert cpu_precision(groups, amx) == precision
+    assert openvino_amx({"avx512f", "amx_bf16"}) and not openvino_amx({"avx512f", "avx512_bf16"})
+    properties = device_properties("CPU", None, int4_groups=groups)
+    assert properties.get("INFERENCE_PRECISION_HINT") == cpu_precision(groups, openvino_amx())
+    assert "INFERENCE_PRECISION_HINT" not in device_properties("GPU", None, int4_groups=groups)
 
 
 def test_ov_config_is_a_chat_option_and_a_bad_one_a_one_line_error(tiny_int8) -> None:
