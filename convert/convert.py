@@ -202,7 +202,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder to write (created atomically)")
     parser.add_argument("--profile", choices=sorted(PROFILES),
                         help="device defaults: cpu (INT4 sym g32, data-free AWQ; the default), gpu (INT4 sym g128, "
-                             "data-free AWQ), npu (INT4 sym channel-wise), xeon (gpu's recipe, fastest on CPUs with AMX)")
+                             "data-free AWQ), npu (INT4 sym channel-wise), xeon (gpu's recipe, the fastest on CPUs "
+                             "with AMX)")
     parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, help="weight precision (default: the profile's, int4)")
     parser.add_argument("--group-size", type=int, help="INT4 group size; -1 means channel-wise")
     parser.add_argument("--ratio", type=float, help="share of layers in INT4, the rest INT8 (0-1]")
@@ -214,7 +215,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     awq = parser.add_mutually_exclusive_group()
     awq.add_argument("--awq", dest="awq", action="store_const", const=True,
                      help="AWQ weight rescaling: activation-aware with --dataset, else data-free from the weights' "
-                          "magnitudes (default: on for INT4 in the cpu and gpu profiles)")
+                          "magnitudes (default: on for INT4 in the cpu, gpu and xeon profiles)")
     awq.add_argument("--no-awq", dest="awq", action="store_const", const=False, help="no AWQ rescaling")
     parser.add_argument("--scale-estimation", action="store_const", const=True, help="scale estimation (needs --dataset)")
     parser.add_argument("--gptq", action="store_const", const=True, help="GPTQ (needs --dataset)")

@@ -12,9 +12,10 @@ The KV cache is exact arithmetic: 2 (K and V) x layers x KV heads x (head_dim x 
 the per-token scale and zero point of quantized caches). The workspace is measured, not derived:
 bytes per prompt token = a factor x (4 hidden + q/k/v widths + 3 FFN), the factor measured per CPU kind
 and inference precision (OpenVINO 2026.4, 1-8-layer GLM-4-9B-wide INT4 models, linear up to 4096 tokens,
-below the line at 8192): 5.0 on a Xeon with AMX (bf16, and f32 under OV_CPU_MAX_ISA=AVX2), 3.4 in bf16
-and 6.2 in f32 (OV_CPU_MAX_ISA=AVX2) on an AMD EPYC with AVX-512 BF16 and no AMX. An AVX2-only CPU
-computes in f32 and gets that last factor (measured only under the imitation).
+below the line at 8192): 5.0 on a Xeon with AMX in bf16 (and in f32 under OV_CPU_MAX_ISA=AVX2), 6.4 there in
+f32 with AMX in reach (group-128 INT4, which the runtime computes in f32 on such CPUs; 2 layers, 1024 and 3072
+tokens), 3.4 in bf16 and 6.2 in f32 (OV_CPU_MAX_ISA=AVX2) on an AMD EPYC with AVX-512 BF16 and no AMX. An
+AVX2-only CPU computes in f32 and gets that last factor (measured only under the imitation).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from runtime.openvino_engine import check_ir, cpu_precision
 GIB = 2**30
 RUNTIME_BYTES = 64 * 2**20  # OpenVINO, the tokenizer and Python, anonymous memory past the weights (measured ~50 MiB)
 # prefill workspace bytes per prompt token and unit of width, by (CPU kind, inference precision); see above
-WORKSPACE_FACTORS = {("amx", "bf16"): 5.0, ("amx", "f32"): 5.0, ("avx512", "bf16"): 3.4, ("avx512", "f32"): 6.2,
-                     ("avx2", "f32"): 6.2}
+WORKSPACE_FACTORS = {("amx", "bf16"): 5.0, ("amx", "f32"): 6.4, ("amx capped", "f32"): 5.0, ("avx512", "bf16"): 3.4,
+                     ("avx512", "f32"): 6.2, ("avx2", "f32"): 6.2}
 # bytes per KV element, and per token and head the quantization parameters (f32 scale and zero point)
 KV_PRECISIONS = {"f32": (4.0, 0), "f16": (2.0, 0), "u8": (1.0, 8), "u4": (0.5, 8), "i8": (1.0, 4)}
 DEVICE_KV = {"CPU": ("f16", "u8", "u4"), "GPU": ("f16", "i8"), "NPU": ("f16",)}
@@ -86,7 +87,8 @@ def workspace_factor(device: str, int4_groups: Collection[int] = ()) -> float:
 
     precision = cpu_precision(int4_groups, openvino_amx()) or (
         "bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "f32")
-    return WORKSPACE_FACTORS.get((cpu_kind(), precision), max(WORKSPACE_FACTORS.values()))
+    kind = "amx capped" if cpu_kind() == "amx" and not openvino_amx() else cpu_kind()  # OV_CPU_MAX_ISA below AMX
+    return WORKSPACE_FACTORS.get((kind, precision), max(WORKSPACE_FACTORS.values()))
 
 
 def memory_now() -> tuple[int, int]:

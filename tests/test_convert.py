@@ -64,7 +64,8 @@ def awq_multiplies(folder: Path) -> int:
 
 
 @pytest.mark.parametrize(("profile", "overrides", "awq"), [
-    ("cpu", {}, True), ("gpu", {}, True), ("xeon", {}, True), ("npu", {}, False), (None, {}, True), ("cpu", {"awq": False}, False),
+    ("cpu", {}, True), ("gpu", {}, True), ("xeon", {}, True), ("npu", {}, False), (None, {}, True),
+    ("cpu", {"awq": False}, False),
     ("cpu", {"weight_format": "int8"}, False), ("cpu", {"weight_format": "fp16"}, False),
     ("cpu", {"gptq": True, "dataset": "glm4-chat"}, False), ("npu", {"awq": True}, True)])
 def test_profiles_use_data_free_awq_where_int4_allows(profile, overrides, awq) -> None:
