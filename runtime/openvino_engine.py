@@ -57,8 +57,9 @@ def cpu_precision(int4_groups: Collection[int], amx: bool) -> str | None:
     to keep the plugin's.
 
     With AMX the plugin computes in bf16 on its tiles and quantizes no activations; weights in groups of 128 or
-    channel-wise then decode 1.3-1.7x faster in f32, where their activations are quantized to int8, and prefill no
-    slower. Group-32 weights gain no decode and lose prefill that way (docs/benchmarks.md, "Xeon with AMX")."""
+    channel-wise then decode 1.3-1.7x faster in f32, where their activations are quantized to int8, and prefill at
+    2-3x llama.cpp either way. Group-32 weights gain no decode and lose prefill that way (docs/benchmarks.md,
+    "Intel Xeon with AMX")."""
     return "f32" if amx and activation_group(int4_groups) == ACTIVATION_GROUPS[-1] else None
 
 
