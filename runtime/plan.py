@@ -85,9 +85,10 @@ def workspace_factor(device: str, int4_groups: Collection[int] = ()) -> float:
         return max(WORKSPACE_FACTORS.values())
     import openvino as ov
 
-    precision = cpu_precision(int4_groups, openvino_amx()) or (
+    amx, kind = openvino_amx(), cpu_kind()
+    precision = cpu_precision(int4_groups, amx) or (
         "bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "f32")
-    kind = "amx capped" if cpu_kind() == "amx" and not openvino_amx() else cpu_kind()  # OV_CPU_MAX_ISA below AMX
+    kind = "amx capped" if kind == "amx" and not amx else kind  # OV_CPU_MAX_ISA below AMX
     return WORKSPACE_FACTORS.get((kind, precision), max(WORKSPACE_FACTORS.values()))
 
 
