@@ -56,11 +56,21 @@ def cpu_precision(int4_groups: Collection[int], amx: bool) -> str | None:
     """The CPU's inference precision for 4-bit weights in ``int4_groups`` on a CPU with or without AMX, or None
     to keep the plugin's.
 
-    With AMX the plugin computes in bf16 on its tiles and quantizes no activations; weights in groups of 128 or
-    channel-wise then decode 1.3-1.7x faster in f32, where their activations are quantized to int8, and prefill at
-    2-3x llama.cpp either way. Group-32 weights gain no decode and lose prefill that way (docs/benchmarks.md,
-    "Intel Xeon with AMX")."""
-    return "f32" if amx and activation_group(int4_groups) == ACTIVATION_GROUPS[-1] else None
+    With AMX the plugin computes in bf16 on its tiles and quantizes no activations; weights in groups of 64, 128 or
+    channel-wise then decode 1.2-1.8x llama.cpp Q4_0 in f32, where their activations are quantized to int8, against
+    0.8-1.1x in bf16, and prefill at 2-3x llama.cpp either way. Group-32 weights gain no decode and lose prefill that
+    way (docs/benchmarks.md, "Intel Xeon with AMX")."""
+    return "f32" if amx and activation_group(int4_groups) in ACTIVATION_GROUPS else None
+
+
+def layout_notes(device: str, int4_groups: Collection[int], amx: bool) -> list[str]:
+    """A one-line hint when ``device`` runs the IR's 4-bit layout far slower than another layout would: INT4
+    groups narrower than 64 on a CPU with AMX (``amx``), where group 128 decodes about twice as fast."""
+    if device.split(".")[0] != "CPU" or not amx or not int4_groups or cpu_precision(int4_groups, amx):
+        return []
+    return [f"INT4 groups of {min(size for size in int4_groups if size > 0)} decode about half as fast as groups of "
+            "128 on this CPU with AMX; `python -m convert --profile xeon` writes those (docs/benchmarks.md, \"Intel "
+            "Xeon with AMX\")"]
 
 
 def device_properties(device: str, cache_dir: Path | None, threads: int | None = None,
@@ -294,6 +304,7 @@ class OpenVINOEngine:
             if self._pages:
                 self._pages.stop()
             raise
+        self.notes += layout_notes(device, int4_groups, openvino_amx())
         self.tokenizer = self.pipeline.get_tokenizer()
         self.name, self.device, self.properties = folder.name, device, properties
         self.template = ChatTemplate.from_folder(folder)

@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
 from runtime.adapters import LoraAdapter
+from runtime.cpu import openvino_amx
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
-                                     device_properties, error_summary, load_pipeline, resolve_cache_dir,
-                                     special_token_id)
+                                     device_properties, error_summary, layout_notes, load_pipeline,
+                                     resolve_cache_dir, special_token_id)
 
 RESERVED_FOR_REPLY = 128  # prompts must leave this much of the context for the reply
 
@@ -367,5 +368,7 @@ def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = 
     properties = device_properties(device, resolve_cache_dir(cache_dir),
                                    kv_cache_precision=memory.get("kv_cache_precision"), int4_groups=int4_groups)
     properties.update(memory.get("extra_properties") or {})
-    return BatchScheduler(folder, device, properties, max_running, max_waiting, kv_cache_gb, prompt_lookup,
-                          memory.get("max_context"), memory.get("prefill_chunk"))
+    batch = BatchScheduler(folder, device, properties, max_running, max_waiting, kv_cache_gb, prompt_lookup,
+                           memory.get("max_context"), memory.get("prefill_chunk"))
+    batch.notes += layout_notes(device, int4_groups, openvino_amx())
+    return batch

@@ -16,7 +16,8 @@ import pytest
 
 import runtime
 from convert.compare import exact_match, load_eval
-from runtime.openvino_engine import check_model_dir
+from runtime.cpu import openvino_amx
+from runtime.openvino_engine import check_model_dir, layout_notes
 from tests.conftest import ROOT, TINY, run_module
 
 
@@ -49,7 +50,10 @@ def test_cpu_profile_int4_within_two_points_of_fp32(tiny_int4, fp32_accuracy) ->
     assert manifest["settings"]["awq"] and not manifest["settings"]["dataset"]
     assert awq_multiplies(tiny_int4) == json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
     assert check_model_dir(tiny_int4) == {32}  # group-32 weights keep the plugin's activation group (32)
-    assert "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in runtime.load(tiny_int4, "CPU", cache_dir=None).properties
+    engine = runtime.load(tiny_int4, "CPU", cache_dir=None)
+    assert "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in engine.properties
+    # On a CPU with AMX the engine says that group 128 (--profile xeon) decodes about twice as fast there
+    assert [note for note in engine.notes if "--profile xeon" in note] == layout_notes("CPU", {32}, openvino_amx())
     accuracy = genai_accuracy(tiny_int4)
     print(f"FP32 {fp32_accuracy:.1%}  INT4 cpu profile {accuracy:.1%}")
     assert accuracy >= fp32_accuracy - 0.02
