@@ -13,10 +13,10 @@ Profiles (see docs/benchmarks.md for the measurements behind them):
   iGPU kernels are tuned for group 128).
 * ``npu``: INT4 symmetric, channel-wise, ratio 1.0, as the NPU plugin requires (group 128 is
   also accepted; asymmetric INT4 is not).
-* ``xeon``: the ``gpu`` recipe, for Xeon servers with AMX. There the runtime computes group-64, group-128
-  and channel-wise INT4 in f32 with int8 activations, and group 128 decodes 1.3-1.7x llama.cpp Q4_0 and
-  prefills 2-3x, where the group-32 CPU profile decodes 0.8x (the plugin's group-32 kernel streams at
-  about half the rate there); the price is KL 0.356 against 0.300 on the SmolLM2 proxy.
+* ``xeon``: the ``gpu`` recipe, for Xeon servers with AMX. There the runtime computes INT4 in f32 with
+  int8 activations, and group 128 decodes 1.3-1.8x llama.cpp Q4_0 and prefills 2-3.4x, where the group-32
+  CPU profile decodes 0.85-1.05x (the plugin's group-32 kernel streams at about half the rate there); the
+  price is KL 0.356 against 0.300 on the SmolLM2 proxy.
 """
 
 from __future__ import annotations

@@ -56,21 +56,21 @@ def cpu_precision(int4_groups: Collection[int], amx: bool) -> str | None:
     """The CPU's inference precision for 4-bit weights in ``int4_groups`` on a CPU with or without AMX, or None
     to keep the plugin's.
 
-    With AMX the plugin computes in bf16 on its tiles and quantizes no activations; weights in groups of 64, 128 or
-    channel-wise then decode 1.2-1.8x llama.cpp Q4_0 in f32, where their activations are quantized to int8, against
-    0.8-1.1x in bf16, and prefill at 2-3x llama.cpp either way. Group-32 weights gain no decode and lose prefill that
-    way (docs/benchmarks.md, "Intel Xeon with AMX")."""
-    return "f32" if amx and activation_group(int4_groups) in ACTIVATION_GROUPS else None
+    With AMX the plugin computes in bf16 on its tiles and quantizes no activations; in f32 the activations are
+    quantized to int8, and 4-bit weights decode faster: against llama.cpp Q4_0, group 128 and channel-wise 1.3-1.8x
+    (bf16: 0.9-1.1x), group 64 1.2-1.6x (0.8-0.95x), group 32 0.9-1.05x (0.7-0.85x), with prefill at 1.6-3.4x
+    either way (docs/benchmarks.md, "Intel Xeon with AMX")."""
+    return "f32" if amx and int4_groups else None
 
 
 def layout_notes(device: str, int4_groups: Collection[int], amx: bool) -> list[str]:
     """A one-line hint when ``device`` runs the IR's 4-bit layout far slower than another layout would: INT4
     groups narrower than 64 on a CPU with AMX (``amx``), where group 128 decodes about twice as fast."""
-    if device.split(".")[0] != "CPU" or not amx or not int4_groups or cpu_precision(int4_groups, amx):
+    narrow = [size for size in int4_groups if 0 < size < 64]
+    if device.split(".")[0] != "CPU" or not amx or not narrow:
         return []
-    return [f"INT4 groups of {min(size for size in int4_groups if size > 0)} decode about half as fast as groups of "
-            "128 on this CPU with AMX; `python -m convert --profile xeon` writes those (docs/benchmarks.md, \"Intel "
-            "Xeon with AMX\")"]
+    return [f"INT4 groups of {min(narrow)} decode about half as fast as groups of 128 on this CPU with AMX; "
+            "`python -m convert --profile xeon` writes those (docs/benchmarks.md, \"Intel Xeon with AMX\")"]
 
 
 def device_properties(device: str, cache_dir: Path | None, threads: int | None = None,

@@ -100,12 +100,11 @@ def test_the_activation_group_follows_the_int4_weight_layout_on_cpu(device, grou
 
 
 @pytest.mark.parametrize(("groups", "amx", "precision"), [
-    ({-1}, True, "f32"), ({128}, True, "f32"), ({-1, 256}, True, "f32"), ({64}, True, "f32"), ({-1, 64}, True, "f32"),
-    ({32}, True, None), ({-1, 32}, True, None), ({32, 64}, True, None), (set(), True, None), ({-1}, False, None),
-    ({64}, False, None)])
-def test_amx_cpus_compute_wide_int4_groups_in_f32(groups, amx, precision, monkeypatch) -> None:
+    ({-1}, True, "f32"), ({128}, True, "f32"), ({-1, 256}, True, "f32"), ({64}, True, "f32"), ({32}, True, "f32"),
+    ({-1, 32}, True, "f32"), (set(), True, None), ({-1}, False, None), ({32}, False, None)])
+def test_amx_cpus_compute_int4_weights_in_f32(groups, amx, precision, monkeypatch) -> None:
     """With AMX the plugin's bf16 path quantizes no activations; f32 brings back int8 activations, which decode
-    channel-wise, group-128 and group-64 weights faster there (docs/benchmarks.md, "Intel Xeon with AMX")."""
+    every 4-bit layout faster there (docs/benchmarks.md, "Intel Xeon with AMX")."""
     assert cpu_precision(groups, amx) == precision
     with monkeypatch.context() as patch:  # the flags decide, unless OV_CPU_MAX_ISA caps the plugin below AMX
         patch.delenv("OV_CPU_MAX_ISA", raising=False)
@@ -115,8 +114,8 @@ def test_amx_cpus_compute_wide_int4_groups_in_f32(groups, amx, precision, monkey
     properties = device_properties("CPU", None, int4_groups=groups)
     assert properties.get("INFERENCE_PRECISION_HINT") == cpu_precision(groups, openvino_amx())
     assert "INFERENCE_PRECISION_HINT" not in device_properties("GPU", None, int4_groups=groups)
-    # where group-32 weights stay in bf16 on AMX, the engine hints at the faster layout; nowhere else
-    assert bool(layout_notes("CPU", groups, amx)) == (amx and bool(groups) and precision is None)
+    # group-32 weights decode about half as fast as group-128 ones on AMX: the engine says so there, nowhere else
+    assert bool(layout_notes("CPU", groups, amx)) == (amx and any(0 < size < 64 for size in groups))
     assert layout_notes("GPU", groups, amx) == []
 
 
