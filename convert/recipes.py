@@ -15,7 +15,7 @@ Profiles (see docs/benchmarks.md for the measurements behind them):
   also accepted; asymmetric INT4 is not).
 * ``xeon``: the ``gpu`` recipe, for Xeon servers with AMX. There the runtime computes INT4 in f32 with
   int8 activations, and group 128 decodes 1.3-1.8x llama.cpp Q4_0 and prefills 2-3.4x, where the group-32
-  CPU profile decodes 0.85-1.05x (the plugin's group-32 kernel streams at about half the rate there); the
+  CPU profile decodes 0.83-1.05x (the plugin's group-32 kernel streams at about half the rate there); the
   price is KL 0.356 against 0.300 on the SmolLM2 proxy.
 """
 

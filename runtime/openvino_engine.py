@@ -58,7 +58,7 @@ def cpu_precision(int4_groups: Collection[int], amx: bool) -> str | None:
 
     With AMX the plugin computes in bf16 on its tiles and quantizes no activations; in f32 the activations are
     quantized to int8, and 4-bit weights decode faster: against llama.cpp Q4_0, group 128 and channel-wise 1.3-1.8x
-    (bf16: 0.9-1.1x), group 64 1.2-1.6x (0.8-0.95x), group 32 0.9-1.05x (0.7-0.85x), with prefill at 1.6-3.4x
+    (bf16: 0.9-1.1x), group 64 1.2-1.6x (0.8-0.95x), group 32 0.83-1.05x (0.7-0.85x), with prefill at 0.9-3.4x
     either way (docs/benchmarks.md, "Intel Xeon with AMX")."""
     return "f32" if amx and int4_groups else None
 
