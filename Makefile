@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 convert-demo: setup
-	$(PY) -m convert --model models/glm4-tiny --output $(DEMO_MODEL) --profile cpu --overwrite
+	$(PY) -m convert --model models/glm4-tiny --output $(DEMO_MODEL) --overwrite
 
 # The main job: convert the bundled model, answer a question in the terminal, then serve the browser chat.
 demo: demo-chat demo-ui

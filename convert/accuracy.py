@@ -42,6 +42,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int4-sym-g32-awq": {"weight_format": "int4", "sym": True, "group_size": 32, "ratio": 1.0, "awq": True},
     "int4-sym-g64-awq": {"weight_format": "int4", "sym": True, "group_size": 64, "ratio": 1.0, "awq": True},
     "int4-sym-g128-awq": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 1.0, "awq": True},
+    "int4-sym-g128-r0.8": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 0.8},
+    "int4-sym-g128-awq-r0.9": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 0.9, "awq": True},
+    "int4-sym-g128-awq-r0.8": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 0.8, "awq": True},
+    "int4-sym-g64-awq-r0.9": {"weight_format": "int4", "sym": True, "group_size": 64, "ratio": 0.9, "awq": True},
     "int4-sym-cw-awq": {"weight_format": "int4", "sym": True, "group_size": -1, "ratio": 1.0, "awq": True},
     "int4-awq-se": {"weight_format": "int4", "group_size": 64, "awq": True, "scale_estimation": True,
                     "dataset": BUILTIN},
@@ -62,6 +66,8 @@ def accuracy(model: str, recipes: list[str], trust_remote_code: bool = False, te
     ref = reference(model, trust_remote_code, text)
     for name in recipes:
         settings = dict(RECIPES[name])
+        if "profile" not in settings and settings.get("weight_format") == "int4":
+            settings.setdefault("awq", False)  # a named layout is only what its name says: AWQ when it says awq
         recipe = make_recipe(settings.pop("profile", None), **settings)
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:  # Windows: files may stay open
             folder = Path(scratch) / name

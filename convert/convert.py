@@ -25,7 +25,8 @@ from convert.lora import LoraError, adapter_record, check_adapter_folder, merge_
 from convert.calibration import BUILTIN, calibration_texts, load_conversations
 from convert.manifest import MemoryWatch, write_manifest
 from convert.ovms import write_graph
-from convert.recipes import PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, make_recipe, quantization_config
+from convert.recipes import (PROFILES, WEIGHT_FORMATS, Recipe, RecipeError, default_profile, make_recipe,
+                             quantization_config)
 from convert.source import Source, SourceError, resolve
 from convert.template_check import TemplateCheckError, check_templates
 from convert.tokenizer_ir import save_tokenizer_ir
@@ -137,7 +138,7 @@ def convert(model: str, output: str | Path, recipe: Recipe | None = None, trust_
     """
     from transformers import AutoTokenizer
 
-    recipe = recipe or make_recipe()
+    recipe = recipe or make_recipe(default_profile())
     source = resolve(model, trust_remote_code)
     check_output(output, overwrite)
     conversations = load_conversations(recipe.dataset) if recipe.dataset else None
@@ -201,9 +202,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. THUDM/glm-4-9b-chat-hf)")
     parser.add_argument("--output", required=True, help="folder to write (created atomically)")
     parser.add_argument("--profile", choices=sorted(PROFILES),
-                        help="device defaults: cpu (INT4 sym g32, data-free AWQ; the default), gpu (INT4 sym g128, "
-                             "data-free AWQ), npu (INT4 sym channel-wise), xeon (gpu's recipe, the fastest on CPUs "
-                             "with AMX)")
+                        help="device defaults: cpu (INT4 sym g32, data-free AWQ), gpu (INT4 sym g128, data-free "
+                             "AWQ), npu (INT4 sym channel-wise), xeon (INT4 sym g128 with a fifth of the layers INT8, "
+                             "data-free AWQ; the fastest on CPUs with AMX) (default: xeon on a CPU with AMX, cpu "
+                             "elsewhere)")
     parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, help="weight precision (default: the profile's, int4)")
     parser.add_argument("--group-size", type=int, help="INT4 group size; -1 means channel-wise")
     parser.add_argument("--ratio", type=float, help="share of layers in INT4, the rest INT8 (0-1]")
@@ -246,7 +248,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
-        recipe = make_recipe(args.profile, weight_format=args.weight_format, group_size=args.group_size,
+        profile = args.profile or default_profile(args.weight_format)
+        recipe = make_recipe(profile, weight_format=args.weight_format, group_size=args.group_size,
                              ratio=args.ratio, sym=args.sym, all_layers=args.all_layers, awq=args.awq,
                              scale_estimation=args.scale_estimation, gptq=args.gptq, dataset=args.dataset,
                              num_samples=args.num_samples)
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SourceError, OutputError, TemplateError, LoraError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if profile == "xeon" and not args.profile and not args.quiet:
+        print("note: profile xeon, the default on a CPU with AMX (--profile cpu for an IR meant for laptops)",
+              file=sys.stderr)
     progress = nullcontext() if args.quiet else stage_bar()
     exit_on_interrupt()
     try:

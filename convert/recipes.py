@@ -2,21 +2,24 @@
 
 Profiles (see docs/benchmarks.md for the measurements behind them):
 
-* ``cpu``: INT4 symmetric, group 32, ratio 1.0 (embedding and LM head INT8), the grain of llama.cpp's
-  Q4_0, with NNCF's data-free AWQ (each MLP's down projection rescaled by its columns' magnitudes,
-  one elementwise multiply a layer). On real weights (SmolLM2-135M as a GLM-4, GPL-3 text) channel-wise
-  INT4 raised perplexity from 28.0 to 52.3 and agreed with FP32 on 50% of next tokens; group 32 gave
-  35.3 and 66%, with data-free AWQ 33.2 and 70% (KL 0.374 -> 0.300) at the same speed. On the 4-layer
-  GLM-4-9B-shaped model group 32 decodes about 10-15% slower than channel-wise on an AMD EPYC with
+* ``cpu``: the default on CPUs without AMX (laptops). INT4 symmetric, group 32, ratio 1.0 (embedding and LM
+  head INT8), the grain of llama.cpp's Q4_0, with NNCF's data-free AWQ (each MLP's down projection rescaled by
+  its columns' magnitudes, one elementwise multiply a layer). On real weights (SmolLM2-135M as a GLM-4, GPL-3
+  text) channel-wise INT4 raised perplexity from 28.0 to 52.3 and agreed with FP32 on 50% of next tokens;
+  group 32 gave 35.3 and 66%, with data-free AWQ 33.2 and 70% (KL 0.374 -> 0.300) at the same speed. On the
+  4-layer GLM-4-9B-shaped model group 32 decodes about 10-15% slower than channel-wise on an AMD EPYC with
   AVX-512 (two runs of three): the CPU profile pays that for accuracy.
 * ``gpu``: INT4 symmetric, group 128, ratio 1.0, data-free AWQ (grouped scales keep accuracy; the
   iGPU kernels are tuned for group 128).
 * ``npu``: INT4 symmetric, channel-wise, ratio 1.0, as the NPU plugin requires (group 128 is
   also accepted; asymmetric INT4 is not).
-* ``xeon``: the ``gpu`` recipe, for Xeon servers with AMX. There the runtime computes INT4 in f32 with
-  int8 activations, and group 128 decodes 1.3-1.8x llama.cpp Q4_0 and prefills 2-3.4x, where the group-32
-  CPU profile decodes 0.83-1.05x (the plugin's group-32 kernel streams at about half the rate there); the
-  price is KL 0.356 against 0.300 on the SmolLM2 proxy.
+* ``xeon``: the default on CPUs with AMX (Xeon servers). INT4 symmetric, group 128, ratio 0.8 (NNCF keeps
+  the fifth of the layers its data-free sensitivity ranks highest in INT8), data-free AWQ. There the runtime
+  computes INT4 in f32 with int8 activations, and this recipe decoded 1.16-1.22x llama.cpp Q4_0 and
+  prefilled 2.2-2.7x (two runs) where the group-32 CPU profile decoded 0.99-1.04x (the plugin's group-32 kernel streams at
+  about half group 128's rate there). On the SmolLM2 proxy it is closer to FP32 than the CPU profile by KL
+  (0.254 against 0.297) and top-1 agreement (73.7% against 70.3%), farther by perplexity (34.9 against
+  33.1); the same eval score as FP32 on glm4-tiny.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hostcpu import openvino_amx
+
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"weight_format": "int4", "sym": True, "group_size": 32, "ratio": 1.0, "awq": True},
     "gpu": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 1.0, "awq": True},
     "npu": {"weight_format": "int4", "sym": True, "group_size": -1, "ratio": 1.0},
+    "xeon": {"weight_format": "int4", "sym": True, "group_size": 128, "ratio": 0.8, "awq": True},
 }
-PROFILES["xeon"] = PROFILES["gpu"]
 WEIGHT_FORMATS = ("int4", "int8", "fp16")
 
 
@@ -62,8 +67,17 @@ class Recipe:
         return bool(self.dataset) and (self.awq or self.scale_estimation or self.gptq)
 
 
+def default_profile(weight_format: str | None = None, flags: set[str] | None = None) -> str | None:
+    """The profile ``--profile`` defaults to for ``weight_format`` (INT4 when None) on this CPU (``flags``,
+    default this machine's): ``xeon`` where OpenVINO computes on AMX tiles, ``cpu`` elsewhere; None for INT8
+    and FP16, which no profile shapes."""
+    if weight_format not in (None, "int4"):
+        return None
+    return "xeon" if openvino_amx(flags) else "cpu"
+
+
 def make_recipe(profile: str | None = None, **overrides: Any) -> Recipe:
-    """A profile's defaults (CPU's when none) with every explicit (non-None) override applied."""
+    """A profile's defaults (the ``cpu`` profile's when none, whatever the CPU) with every explicit (non-None) override applied."""
     if profile is not None and profile not in PROFILES:
         raise RecipeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     settings = dict(PROFILES[profile or "cpu"], profile=profile)

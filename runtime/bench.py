@@ -31,7 +31,7 @@ from typing import Any
 
 from chat_format import encode_prompt
 from runtime.cli import ov_config_of
-from runtime.cpu import cpu_description
+from hostcpu import cpu_description
 from runtime.peer import DEFAULT_LLAMA_BENCH, PeerNotFound, check_peer, measure_peer, ratio_lines
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from chat_format import SPECIAL_TOKENS, STOP_TOKENS, ChatTemplate
-from runtime.cpu import onednn_cpu_flags
+from hostcpu import onednn_cpu_flags
 from runtime.engine import DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, ReplyStats
 
 TORCH_SERIES = "2.8"  # IPEX 2.8.0 checks torch's major.minor at import and exits on a mismatch

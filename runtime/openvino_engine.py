@@ -12,7 +12,7 @@ from typing import Any, Callable, Collection, Sequence
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
 from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
-from runtime.cpu import openvino_amx
+from hostcpu import openvino_amx
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
 from runtime.weight_pages import WeightPages
@@ -70,7 +70,8 @@ def layout_notes(device: str, int4_groups: Collection[int], amx: bool) -> list[s
     if device.split(".")[0] != "CPU" or not amx or not narrow:
         return []
     return [f"INT4 groups of {min(narrow)} decode about half as fast as groups of 128 on this CPU with AMX; "
-            "`python -m convert --profile xeon` writes those (docs/benchmarks.md, \"Intel Xeon with AMX\")"]
+            "`python -m convert --profile xeon` (its default on such a CPU) writes those (docs/benchmarks.md, "
+            "\"Intel Xeon with AMX\")"]
 
 
 def device_properties(device: str, cache_dir: Path | None, threads: int | None = None,

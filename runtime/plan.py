@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
 
-from runtime.cpu import cpu_kind, openvino_amx
+from hostcpu import cpu_kind, openvino_amx
 from runtime.engine import EngineError, ModelLoadError
 from runtime.openvino_engine import check_ir, cpu_precision
 

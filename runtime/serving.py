@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
 from runtime.adapters import LoraAdapter
-from runtime.cpu import openvino_amx
+from hostcpu import openvino_amx
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, layout_notes, load_pipeline,

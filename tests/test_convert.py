@@ -16,7 +16,7 @@ import pytest
 
 import runtime
 from convert.compare import exact_match, load_eval
-from runtime.cpu import openvino_amx
+from hostcpu import openvino_amx
 from runtime.openvino_engine import check_model_dir, layout_notes
 from tests.conftest import ROOT, TINY, run_module
 
@@ -89,12 +89,46 @@ def test_explicit_awq_conflicts_are_refused(overrides) -> None:
 
 
 def test_no_awq_converts_without_the_rescaling(tmp_path) -> None:
+    from convert.recipes import PROFILES, default_profile
+
     output = tmp_path / "plain"
     result = run_module("convert", "--model", str(TINY), "--output", str(output), "--no-awq", "--no-verify", "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["awq"] is False and awq_multiplies(output) == 0
-    assert check_model_dir(output) == {32}
+    # no --profile: this CPU's default (xeon where OpenVINO computes on AMX, else cpu)
+    assert manifest["settings"]["profile"] == default_profile()
+    assert max(check_model_dir(output)) == PROFILES[default_profile()]["group_size"]  # NNCF narrows where it must
+
+
+@pytest.mark.parametrize(("weight_format", "flags", "cap", "profile"), [
+    (None, {"avx512f", "amx_bf16", "amx_int8"}, "", "xeon"), ("int4", {"avx512f", "amx_bf16"}, "AVX512_CORE_AMX", "xeon"),
+    (None, {"avx512f", "avx512_bf16"}, "", "cpu"), (None, {"avx2"}, "", "cpu"),
+    (None, {"avx512f", "amx_bf16"}, "AVX512_CORE", "cpu"),  # capped below AMX: the runtime computes as without it
+    ("int8", {"amx_bf16"}, "", None), ("fp16", {"avx2"}, "", None)])
+def test_default_profile_follows_the_cpu(monkeypatch, weight_format, flags, cap, profile) -> None:
+    from convert.recipes import default_profile
+
+    monkeypatch.setenv("OV_CPU_MAX_ISA", cap)
+    assert default_profile(weight_format, flags) == profile
+
+
+def test_xeon_profile_within_two_points_of_fp32(tmp_path, fp32_accuracy) -> None:
+    output = tmp_path / "xeon"
+    result = run_module("convert", "--model", str(TINY), "--output", str(output), "--profile", "xeon", "--no-verify",
+                        "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    settings = manifest["settings"]
+    assert (settings["profile"], settings["sym"], settings["group_size"], settings["ratio"]) == ("xeon", True, 128, 0.8)
+    assert settings["awq"] and awq_multiplies(output) > 0
+    groups = check_model_dir(output)  # 128, and 64 where glm4-tiny's widths are not a multiple of 128
+    assert 128 in groups and groups <= {64, 128}
+    engine = runtime.load(output, "CPU", cache_dir=None)
+    assert engine.properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == min(groups) and not engine.notes
+    accuracy = genai_accuracy(output)
+    print(f"FP32 {fp32_accuracy:.1%}  INT4 xeon profile {accuracy:.1%}")
+    assert accuracy >= fp32_accuracy - 0.02
 
 
 def test_npu_profile_converts_and_loads(tmp_path, fp32_accuracy) -> None:

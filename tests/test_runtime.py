@@ -19,7 +19,7 @@ import runtime
 from models.evaluate import load_eval
 from chat_format import Reply
 from runtime.engine import ChatSession, Engine, GenerationOptions, ReplyChunk, conversation_ids
-from runtime.cpu import onednn_cpu_flags
+from hostcpu import onednn_cpu_flags
 from runtime.ipex_engine import pick_dtype
 from tests.conftest import TINY, drain
 

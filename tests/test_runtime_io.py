@@ -12,7 +12,7 @@ import pytest
 
 import runtime
 from models.evaluate import load_eval
-from runtime.cpu import openvino_amx
+from hostcpu import openvino_amx
 from runtime.engine import ChatSession, DeviceError, Engine, ModelLoadError, PromptTooLongError, conversation_ids
 from runtime.openvino_engine import cpu_precision, device_properties, layout_notes
 from tests.conftest import TINY, check_untrusted_text_stays_text, drain, run_module

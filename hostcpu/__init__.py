@@ -1,4 +1,5 @@
-"""What the CPU can do, for the choices that depend on it: IPEX's precision, the memory plan, benchmark labels.
+"""What the CPU can do, for the choices that depend on it: the converter's default profile, the runtime's and
+IPEX's precision, the memory plan, benchmark labels. Shared by convert/ and runtime/.
 
 Pure Python (reads /proc/cpuinfo where it exists); nothing here imports OpenVINO or torch.
 """
