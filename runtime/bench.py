@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from chat_format import encode_prompt
-from runtime.cli import ov_config_of
 from hostcpu import cpu_description
+from runtime.cli import ov_config_of
 from runtime.peer import DEFAULT_LLAMA_BENCH, PeerNotFound, check_peer, measure_peer, ratio_lines
 
 ROOT = Path(__file__).resolve().parents[1]

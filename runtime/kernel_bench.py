@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from runtime.bench import memory_bandwidth, ov_config_of
 from hostcpu import cpu_description
+from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.openvino_engine import device_properties, error_summary
 
 # the NormalFloat4 codebook: the 16 values an ov.Type.nf4 weight stands for (times its group's scale)

@@ -11,8 +11,8 @@ from typing import Any, Callable, Collection, Sequence
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
-from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
 from hostcpu import openvino_amx
+from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
 from runtime.weight_pages import WeightPages

@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 from chat_format import ChatTemplate
 from chat_format.genai import GenAIEncoder
-from runtime.adapters import LoraAdapter
 from hostcpu import openvino_amx
+from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, layout_notes, load_pipeline,

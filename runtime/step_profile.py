@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bench import memory_bandwidth, ov_config_of
 from hostcpu import cpu_description
+from runtime.bench import memory_bandwidth, ov_config_of
 from runtime.engine import ModelLoadError
 from runtime.openvino_engine import check_model_dir, device_properties, error_summary
 

@@ -102,7 +102,8 @@ def test_no_awq_converts_without_the_rescaling(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("weight_format", "flags", "cap", "profile"), [
-    (None, {"avx512f", "amx_bf16", "amx_int8"}, "", "xeon"), ("int4", {"avx512f", "amx_bf16"}, "AVX512_CORE_AMX", "xeon"),
+    (None, {"avx512f", "amx_bf16", "amx_int8"}, "", "xeon"),
+    ("int4", {"avx512f", "amx_bf16"}, "AVX512_CORE_AMX", "xeon"),
     (None, {"avx512f", "avx512_bf16"}, "", "cpu"), (None, {"avx2"}, "", "cpu"),
     (None, {"avx512f", "amx_bf16"}, "AVX512_CORE", "cpu"),  # capped below AMX: the runtime computes as without it
     ("int8", {"amx_bf16"}, "", None), ("fp16", {"avx2"}, "", None)])

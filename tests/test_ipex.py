@@ -18,10 +18,10 @@ import pytest
 
 from models.evaluate import load_eval
 from chat_format import STOP_TOKENS
+from hostcpu import onednn_cpu_flags
 from runtime.engine import (ChatSession, DeviceError, GenerationOptions, ModelLoadError, PromptTooLongError,
                             conversation_ids)
 from runtime.ipex_engine import IPEXEngine, IPEXUnavailableError, check_environment, pick_dtype
-from hostcpu import onednn_cpu_flags
 from tests.conftest import ROOT, TINY, check_untrusted_text_stays_text
 
 ITEMS = load_eval(TINY / "eval.jsonl")

@@ -18,8 +18,8 @@ import pytest
 import runtime
 from models.evaluate import load_eval
 from chat_format import Reply
-from runtime.engine import ChatSession, Engine, GenerationOptions, ReplyChunk, conversation_ids
 from hostcpu import onednn_cpu_flags
+from runtime.engine import ChatSession, Engine, GenerationOptions, ReplyChunk, conversation_ids
 from runtime.ipex_engine import pick_dtype
 from tests.conftest import TINY, drain
 
