@@ -30,11 +30,17 @@ class VocabWeight:
 
 
 def find_vocab_weights(model: Any, vocab_size: int) -> list[VocabWeight]:
-    """The embedding Gather's table and the LM head MatMul's weight, when shaped [vocab, hidden]."""
+    """The embedding Gather's table and the LM head MatMul's weight, when shaped [vocab, hidden].
+
+    The LM head is the graph's last MatMul: a layer whose width merely equals the vocabulary size (a model with
+    vocab_size == hidden_size) is not a vocabulary weight and stays with the recipe.
+    """
+    ops = model.get_ordered_ops()
+    head = next((op for op in reversed(ops) if op.get_type_name() == "MatMul"), None)
     found = []
-    for op in model.get_ordered_ops():
+    for op in ops:
         kind = op.get_type_name()
-        if kind not in ("Gather", "MatMul"):
+        if kind != "Gather" and op is not head:
             continue
         port = 0 if kind == "Gather" else 1
         source = op.input_value(port)

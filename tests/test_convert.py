@@ -364,6 +364,8 @@ def test_vocab_rows_compress_the_same_in_any_chunk_size(tmp_path) -> None:
     config = json.loads((TINY / "config.json").read_text(encoding="utf-8"))
     weights = find_vocab_weights(model, config["vocab_size"])
     assert {w.consumer.get_type_name() for w in weights} == {"Gather", "MatMul"}
+    # a layer as wide as a vocabulary would be (o_proj and down_proj output hidden_size) is not taken for one
+    assert find_vocab_weights(model, config["hidden_size"]) == []
     from convert.vocab import rows_as_float32
 
     table = AutoModelForCausalLM.from_pretrained(bf16).model.embed_tokens.weight.float().detach().numpy()
