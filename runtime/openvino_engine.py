@@ -184,9 +184,15 @@ def check_ir(xml_path: Path) -> set[int]:
     OpenVINO reports these as a bare "Incorrect weights in bin file!" (or tries every frontend,
     logging to stderr), without naming the file.
     """
+    return set(int4_layout(xml_path))
+
+
+def int4_layout(xml_path: Path) -> dict[int, int]:
+    """:func:`check_ir`'s checks; each group size of the IR's 4-bit weights with how many scales it has (one per
+    group, or per row when channel-wise)."""
     import xml.etree.ElementTree as ElementTree
 
-    needed, first, groups = 0, True, set()
+    needed, first, groups = 0, True, {}
     try:
         for event, element in ElementTree.iterparse(xml_path, events=("start", "end")):
             if first and element.tag != "net":
@@ -196,8 +202,9 @@ def check_ir(xml_path: Path) -> set[int]:
             if event == "start" and element.tag == "data" and element.get("offset") is not None:
                 needed = max(needed, int(element.get("offset", 0)) + int(element.get("size", 0)))
                 if element.get("element_type") in ("i4", "u4"):
-                    dims = element.get("shape", "").split(",")
-                    groups.add(int(dims[-1]) if len(dims) == 3 else -1)
+                    dims = [int(dim) for dim in (element.get("shape") or "1").split(",")]
+                    size, scales = (dims[2], dims[0] * dims[1]) if len(dims) == 3 else (-1, dims[0])
+                    groups[size] = groups.get(size, 0) + scales
             elif event == "end" and element.tag == "layer":
                 element.clear()  # keeps memory flat on a multi-gigabyte model's IR
     except (OSError, ValueError, ElementTree.ParseError) as error:  # ParseError is a SyntaxError

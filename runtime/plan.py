@@ -3,7 +3,8 @@
     python -m runtime.plan --model build/glm4-9b-int4 --context 32768 [--device CPU]
 
 Printed per KV-cache precision the device offers: the weights (the compiled model keeps its own
-copy of openvino_model.bin; the file's pages come on top but the OS can drop them), the runtime
+copy of openvino_model.bin, and on CPU an f32 copy of the INT4 scales; the file's pages come on top but the OS can
+drop them), the runtime
 itself, the KV cache for the whole context, and the prefill workspace (the widest prompt is
 processed in one pass, whose intermediate tensors are kept; ``--prefill-chunk`` bounds it), against
 this machine's memory; then the longest context that fits what is available now.
@@ -29,10 +30,13 @@ from typing import Any, Collection
 
 from hostcpu import cpu_kind, openvino_amx
 from runtime.engine import EngineError, ModelLoadError
-from runtime.openvino_engine import check_ir, cpu_precision
+from runtime.openvino_engine import cpu_precision, int4_layout
 
 GIB = 2**30
 RUNTIME_BYTES = 64 * 2**20  # OpenVINO, the tokenizer and Python, anonymous memory past the weights (measured ~50 MiB)
+# the CPU plugin's f32 copy of each INT4 scale, past the IR's own: 48 MiB on a 2-layer GLM-4-9B-wide group-32 IR,
+# 4 bytes for each of its 12.6M groups
+SCALE_COPY_BYTES = 4
 # prefill workspace bytes per prompt token and unit of width, by (CPU kind, inference precision); see above
 WORKSPACE_FACTORS = {("amx", "bf16"): 5.0, ("amx", "f32"): 6.4, ("amx capped", "f32"): 5.0, ("avx512", "bf16"): 3.4,
                      ("avx512", "f32"): 6.2, ("avx2", "f32"): 6.2}
@@ -117,11 +121,12 @@ def plan(model: str | Path, context: int, device: str = "CPU", prompt: int | Non
     if (prompt is not None and not 1 <= prompt <= context) or (prefill_chunk is not None and prefill_chunk < 1):
         raise ValueError("--prompt must be from 1 to --context, and --prefill-chunk at least 1")
     one_pass = min(prompt or context, prefill_chunk or context)
-    weights = weights_file.stat().st_size
+    layout = int4_layout(folder / "openvino_model.xml")
+    weights = weights_file.stat().st_size + (SCALE_COPY_BYTES * sum(layout.values()) if kind == "CPU" else 0)
     total, available = memory_now()
     fixed = weights + RUNTIME_BYTES
     rows = {}
-    workspace = workspace_bytes_per_token(shape, workspace_factor(kind, check_ir(folder / "openvino_model.xml")))
+    workspace = workspace_bytes_per_token(shape, workspace_factor(kind, set(layout)))
     for precision in DEVICE_KV[kind]:
         kv = kv_bytes_per_token(shape, precision)
         if prefill_chunk:  # the workspace stays that of one chunk however long the context grows
