@@ -204,7 +204,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", choices=sorted(PROFILES),
                         help="device defaults: cpu (INT4 sym g32, data-free AWQ), gpu (INT4 sym g128, data-free "
                              "AWQ), npu (INT4 sym channel-wise), xeon (INT4 sym g128 with a fifth of the layers INT8, "
-                             "data-free AWQ; the fastest on CPUs with AMX) (default: xeon on a CPU with AMX, cpu "
+                             "data-free AWQ; for CPUs with AMX) (default: xeon on a CPU with AMX, cpu "
                              "elsewhere)")
     parser.add_argument("--weight-format", choices=WEIGHT_FORMATS, help="weight precision (default: the profile's, int4)")
     parser.add_argument("--group-size", type=int, help="INT4 group size; -1 means channel-wise")
