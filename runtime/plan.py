@@ -2,11 +2,10 @@
 
     python -m runtime.plan --model build/glm4-9b-int4 --context 32768 [--device CPU]
 
-Printed per KV-cache precision the device offers: the weights (the compiled model keeps its own
-copy of openvino_model.bin, and on CPU an f32 copy of the INT4 scales; the file's pages come on top but the OS can
-drop them), the runtime
-itself, the KV cache for the whole context, and the prefill workspace (the widest prompt is
-processed in one pass, whose intermediate tensors are kept; ``--prefill-chunk`` bounds it), against
+Printed per KV-cache precision the device offers: the weights (the compiled model keeps its own copy of
+openvino_model.bin, and on CPU an f32 copy of the INT4 scales; the file's pages come on top but the OS can
+drop them), the runtime itself, the KV cache for the whole context, and the prefill workspace (the widest
+prompt is processed in one pass, whose intermediate tensors are kept; ``--prefill-chunk`` bounds it), against
 this machine's memory; then the longest context that fits what is available now.
 
 The KV cache is exact arithmetic: 2 (K and V) x layers x KV heads x (head_dim x element size +
