@@ -15,8 +15,8 @@ Profiles (see docs/benchmarks.md for the measurements behind them):
   also accepted; asymmetric INT4 is not).
 * ``xeon``: the default on CPUs with AMX (Xeon servers). INT4 symmetric, group 128, ratio 0.8 (NNCF keeps the
   fifth of the layers its data-free sensitivity ranks highest in INT8), data-free AWQ. There the runtime
-  computes INT4 in f32 with int8 activations, and this recipe decoded 1.16-1.22x llama.cpp Q4_0 and prefilled
-  2.2-2.7x (two runs) where the group-32 CPU profile decoded 0.99-1.04x (the plugin's group-32 kernel streams
+  computes INT4 in f32 with int8 activations, and this recipe decoded 1.16-1.30x llama.cpp Q4_0 and prefilled
+  2.1-2.7x (three runs) where the group-32 CPU profile decoded 0.99-1.11x (the plugin's group-32 kernel streams
   at about half group 128's rate there). On the SmolLM2 proxy it is closer to FP32 than the CPU profile by KL
   (0.254 against 0.297) and top-1 agreement (73.7% against 70.3%), farther by perplexity (34.9 against 33.1);
   the same eval score as FP32 on glm4-tiny.
