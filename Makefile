@@ -11,8 +11,8 @@ PIP_INSTALL = -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX
 # What an AVX2-only CPU (no AVX-512, VNNI or AMX) runs, imitated on a newer one: OpenVINO's ISA checks (which also
 # pick f32 instead of bf16 inference), oneDNN's kernels, PyTorch's and MKL's kernel dispatch.
 AVX2_ONLY = OV_CPU_MAX_ISA=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
-# The environments hold the same files twice (.venv-chatglm repeats the main one's torch and CUDA wheels: 6.5 GB of
-# 22): after each install, files with the same bytes become hard links of one copy (util-linux's hardlink, where
+# The environments hold the same files twice (.venv-chatglm repeats the main one's torch and CUDA wheels: 6.6 GB of
+# 21): after each install, files with the same bytes become hard links of one copy (util-linux's hardlink, where
 # there is one; a pip install or uninstall later replaces or removes only its own link).
 SHARE_FILES = command -v hardlink >/dev/null && hardlink -q -t $$(ls -d $(VENV) .venv-chatglm .venv-xeon .venv-runtime \
 	2>/dev/null) || true
