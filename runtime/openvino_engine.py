@@ -15,6 +15,7 @@ from hostcpu import openvino_amx
 from runtime.adapters import LoraAdapter, adapter_config, genai_adapters
 from runtime.engine import (DeviceError, EngineError, Generation, GenerationOptions, ModelLoadError, PromptLookup,
                             ReplyStats)
+from runtime.streaming import step_counting_streamer
 from runtime.weight_pages import WeightPages
 
 REQUIRED_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -349,6 +350,8 @@ class OpenVINOEngine:
             pages, self._pages = self._pages, None
             if pages:
                 pages.stop()
+        if streamer.error is not None:
+            raise streamer.error
         tokens = list(result.tokens[0])
         metrics = result.perf_metrics
         generated = metrics.get_num_generated_tokens()
@@ -358,23 +361,3 @@ class OpenVINOEngine:
                            tokens_per_s=metrics.get_throughput().mean if generated > 1 else 0.0,
                            tokens_per_step=generated / streamer.steps if streamer.steps else 0.0)
         return Generation(text=self.tokenizer.decode(tokens), stats=stats)
-
-
-def step_counting_streamer(tokenizer: Any, on_chunk: Callable[[str], Any]) -> Any:
-    """An openvino_genai streamer that hands whole characters to ``on_chunk`` (as TextStreamer does) and
-    counts the generation steps: each step writes the tokens it produced, several with accepted drafts."""
-    import openvino_genai
-
-    class Streamer(openvino_genai.StreamerBase):
-        def __init__(self) -> None:
-            super().__init__()
-            self.text, self.steps = openvino_genai.TextStreamer(tokenizer, on_chunk), 0
-
-        def write(self, token: Any) -> Any:
-            self.steps += 1
-            return self.text.write(token)
-
-        def end(self) -> None:
-            self.text.end()
-
-    return Streamer()

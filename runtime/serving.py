@@ -21,6 +21,7 @@ from chat_format.genai import GenAIEncoder
 from hostcpu import openvino_amx
 from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
+from runtime.streaming import TextDecoder
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, layout_notes, load_pipeline,
                                      resolve_cache_dir, special_token_id)
@@ -155,7 +156,7 @@ class Scheduler:
 class _Running:
     job: Job
     handle: Any
-    streamer: Any
+    decoder: TextDecoder
     generated: int = 0
     finish: str = ""
     stop: bool = False
@@ -223,20 +224,19 @@ class BatchScheduler(Scheduler):
                     continue
             self._account_dropped()
             for run in list(self._running):
-                self._collect(run)
+                try:
+                    self._collect(run)
+                except Exception as error:  # this job's text could not be handled: it fails, the others go on
+                    run.handle.cancel()
+                    if run in self._running:
+                        self._finish(run, "error", f"the reply could not be streamed ({error_summary(error)})")
             self.counters.engine_busy = self.pipeline.has_non_finished_requests()
 
     def _add(self, job: Job) -> None:
         import numpy as np
         import openvino as ov
-        import openvino_genai
 
-        run = _Running(job, None, None)
-
-        def on_text(chunk: str) -> Any:
-            run.stop = run.stop or job.on_text(chunk)
-            return openvino_genai.StreamingStatus.RUNNING
-
+        run = _Running(job, None, TextDecoder(self.tokenizer))
         try:
             config = apply_options(self.pipeline.get_config(), job.options, self.prompt_lookup)
             run.handle = self.pipeline.add_request(next(self._ids), ov.Tensor(np.array([job.prompt_ids], np.int64)),
@@ -244,7 +244,6 @@ class BatchScheduler(Scheduler):
         except Exception as error:  # a config the pipeline refuses
             self._ended(job, JobResult("error", len(job.prompt_ids), 0, error_summary(error)))
             return
-        run.streamer = openvino_genai.TextStreamer(self.tokenizer, on_text)
         self._running.append(run)
 
     def _collect(self, run: _Running) -> None:
@@ -255,15 +254,16 @@ class BatchScheduler(Scheduler):
             for output in run.handle.read().values():
                 ids = [int(i) for i in output.generated_ids]
                 run.generated += len(ids)
-                if ids:
-                    run.streamer.write(ids)
+                if ids and (text := run.decoder.write(ids)):
+                    run.stop = run.stop or run.job.on_text(text)
                 if output.finish_reason != reasons.NONE:
                     run.finish = "stop" if output.finish_reason == reasons.STOP else "length"
         if run.stop:  # the job's own stop (a stop string): no more steps for it
             run.handle.cancel()
             self._finish(run, "stop")
         elif run.finish or run.handle.get_status() != openvino_genai.GenerationStatus.RUNNING:
-            run.streamer.end()
+            if text := run.decoder.end():
+                run.job.on_text(text)
             self._finish(run, run.finish or "stop")
 
     def _drop(self, run: _Running) -> None:
@@ -279,9 +279,9 @@ class BatchScheduler(Scheduler):
             self.counters.tokens_after_cancel += max(engine_count - run.generated, 0)
         self._dropping.clear()
 
-    def _finish(self, run: _Running, reason: str) -> None:
+    def _finish(self, run: _Running, reason: str, error: str | None = None) -> None:
         self._running.remove(run)
-        self._ended(run.job, JobResult(reason, len(run.job.prompt_ids), run.generated))
+        self._ended(run.job, JobResult(reason, len(run.job.prompt_ids), run.generated, error))
 
     def _fail_all(self, error: BaseException) -> None:
         message = f"the engine failed ({error_summary(error)}) and was restarted; retry the request"
@@ -333,6 +333,8 @@ class SerialScheduler(Scheduler):
             generation = self.engine.generate(job.prompt_ids, job.options, on_text)
         except EngineError as error:
             return JobResult("error", len(job.prompt_ids), 0, str(error))
+        except Exception as error:  # from the job's own callback: this job fails, the scheduler goes on
+            return JobResult("error", len(job.prompt_ids), 0, f"the reply could not be streamed ({error_summary(error)})")
         reason = "cancelled" if job.cancelled.is_set() else "stop" if stopped else generation.stats.finish_reason
         return JobResult(reason, len(job.prompt_ids), generation.stats.generated_tokens)
 
