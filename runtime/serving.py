@@ -21,10 +21,10 @@ from chat_format.genai import GenAIEncoder
 from hostcpu import openvino_amx
 from runtime.adapters import LoraAdapter
 from runtime.engine import EngineError, GenerationOptions, PromptLookup
-from runtime.streaming import TextDecoder
 from runtime.openvino_engine import (OpenVINOEngine, apply_options, check_device, check_model_dir, context_length,
                                      device_properties, error_summary, layout_notes, load_pipeline,
                                      resolve_cache_dir, special_token_id)
+from runtime.streaming import TextDecoder
 
 RESERVED_FOR_REPLY = 128  # prompts must leave this much of the context for the reply
 
