@@ -241,9 +241,10 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
         assert time.monotonic() < deadline, after
         time.sleep(0.05)
     # A leaver's outcome is read from the server's log line for its reply id. How many tokens it gets before its
-    # client has read 3 chunks depends on how 32 client threads share 2 cores with the server (CI: 2438 of 4000
-    # once), so a leaver may even finish first: that is allowed when it was logged before the client closed. One
-    # still running when its client closed must be cancelled within 3 s.
+    # client has read 3 chunks depends on how 32 client threads share 2 cores with the server (CI: 1600-2400 of
+    # 4000 at times), so a leaver may even finish first: that is allowed when it was logged before the client
+    # closed. One still running when its client closed must be cancelled, not run on to max_tokens: here within
+    # 0.1 s, once in CI 3.5 s on a loaded machine, so the bound below is for a cancel that never comes early.
     outcomes = {match.group(1): line for line in server.log_lines()[log_start:]
                 if (match := re.search(r" (\S+) \w+ prompt=", line))}  # reply id -> its finish line
     leavers = [(outcomes[results[f"id {n}"]], results[f"closed {n}"]) for n, (_, leave) in enumerate(plan) if leave]
@@ -254,7 +255,7 @@ def test_32_concurrent_streams_with_clients_leaving_midway(server, engine) -> No
     generated = [int(re.search(r"generated=(\d+)", line).group(1)) for line, _ in leavers]
     print(f"tokens generated for the clients that left: {generated} (max_tokens {LEAVER_MAX_TOKENS}); "
           f"{len(cancelled)} cancelled {min(lags) * 1000:.0f} to {max(lags) * 1000:.0f} ms after their clients closed")
-    assert max(lags) < 3, leavers
+    assert max(lags) < 10, leavers
     assert after["requests"] - before["requests"] == 32 and after["errors"] == before["errors"]
     assert after["completed"] - before["completed"] == 24 + len(finished_first)
     assert after["cancelled"] - before["cancelled"] == len(cancelled)
