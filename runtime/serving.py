@@ -334,7 +334,8 @@ class SerialScheduler(Scheduler):
         except EngineError as error:
             return JobResult("error", len(job.prompt_ids), 0, str(error))
         except Exception as error:  # from the job's own callback: this job fails, the scheduler goes on
-            return JobResult("error", len(job.prompt_ids), 0, f"the reply could not be streamed ({error_summary(error)})")
+            return JobResult("error", len(job.prompt_ids), 0,
+                             f"the reply could not be streamed ({error_summary(error)})")
         reason = "cancelled" if job.cancelled.is_set() else "stop" if stopped else generation.stats.finish_reason
         return JobResult(reason, len(job.prompt_ids), generation.stats.generated_tokens)
 
