@@ -96,7 +96,11 @@ def test_a_reply_the_server_cannot_stream_fails_alone(tiny_int8: Path, engine) -
     texts: dict[str, list[str]] = {"good": [], "after": []}
 
     def job(name: str, on_text) -> Job:
-        return Job(ids, GenerationOptions(), on_text, lambda result: (results.__setitem__(name, result), done.release()))
+        def on_done(result: JobResult) -> None:
+            results[name] = result
+            done.release()
+
+        return Job(ids, GenerationOptions(), on_text, on_done)
 
     def broken(text: str) -> bool:
         raise UnicodeDecodeError("utf-8", b"\xed", 0, 1, "a client's own failure")
