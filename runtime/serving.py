@@ -229,7 +229,7 @@ class BatchScheduler(Scheduler):
                 except Exception as error:  # this job's text could not be handled: it fails, the others go on
                     run.handle.cancel()
                     if run in self._running:
-                        self._finish(run, "error", f"the reply could not be streamed ({error_summary(error)})")
+                        self._finish(run, "error", unstreamable(error))
             self.counters.engine_busy = self.pipeline.has_non_finished_requests()
 
     def _add(self, job: Job) -> None:
@@ -334,10 +334,14 @@ class SerialScheduler(Scheduler):
         except EngineError as error:
             return JobResult("error", len(job.prompt_ids), 0, str(error))
         except Exception as error:  # from the job's own callback: this job fails, the scheduler goes on
-            return JobResult("error", len(job.prompt_ids), 0,
-                             f"the reply could not be streamed ({error_summary(error)})")
+            return JobResult("error", len(job.prompt_ids), 0, unstreamable(error))
         reason = "cancelled" if job.cancelled.is_set() else "stop" if stopped else generation.stats.finish_reason
         return JobResult(reason, len(job.prompt_ids), generation.stats.generated_tokens)
+
+
+def unstreamable(error: BaseException) -> str:
+    """The error of a job whose reply text could not be handed on (its own callback failed)."""
+    return f"the reply could not be streamed ({error_summary(error)})"
 
 
 def load_scheduler(model_dir: str | Path, device: str = "CPU", scheduler: str = "auto", max_running: int = 16,
